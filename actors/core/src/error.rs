@@ -119,7 +119,10 @@ mod tests {
             let grpc = code.grpc_code();
             assert_ne!(grpc, tonic::Code::Ok, "{code} must not map to Ok");
             assert_ne!(grpc, tonic::Code::Unknown, "{code} must not map to Unknown");
-            assert!(seen.insert(grpc), "{code} maps to {grpc:?} which another code uses");
+            assert!(
+                seen.insert(grpc),
+                "{code} maps to {grpc:?} which another code uses"
+            );
         }
         assert_eq!(seen.len(), ErrorCode::ALL.len());
     }

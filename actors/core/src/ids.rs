@@ -176,7 +176,10 @@ pub fn check_dns1123_label(field: &str, s: &str) -> Result<(), SpecError> {
         return Err(SpecError::new(field, "must not be empty"));
     }
     if s.len() > 63 {
-        return Err(SpecError::new(field, format!("must be at most 63 characters, got {}", s.len())));
+        return Err(SpecError::new(
+            field,
+            format!("must be at most 63 characters, got {}", s.len()),
+        ));
     }
     check_label_chars(field, s)
 }
@@ -187,11 +190,17 @@ pub fn check_dns1123_subdomain(field: &str, s: &str) -> Result<(), SpecError> {
         return Err(SpecError::new(field, "must not be empty"));
     }
     if s.len() > 253 {
-        return Err(SpecError::new(field, format!("must be at most 253 characters, got {}", s.len())));
+        return Err(SpecError::new(
+            field,
+            format!("must be at most 253 characters, got {}", s.len()),
+        ));
     }
     for part in s.split('.') {
         if part.is_empty() {
-            return Err(SpecError::new(field, format!("{s:?} has an empty dot-separated part")));
+            return Err(SpecError::new(
+                field,
+                format!("{s:?} has an empty dot-separated part"),
+            ));
         }
         check_label_chars(field, part)?;
     }
@@ -222,10 +231,16 @@ fn check_request_id(field: &str, s: &str) -> Result<(), SpecError> {
         return Err(SpecError::new(field, "must not be empty"));
     }
     if s.len() > 128 {
-        return Err(SpecError::new(field, format!("must be at most 128 characters, got {}", s.len())));
+        return Err(SpecError::new(
+            field,
+            format!("must be at most 128 characters, got {}", s.len()),
+        ));
     }
     if !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(SpecError::new(field, "must be printable ASCII without spaces"));
+        return Err(SpecError::new(
+            field,
+            "must be printable ASCII without spaces",
+        ));
     }
     Ok(())
 }
@@ -244,7 +259,12 @@ mod tests {
 
     #[test]
     fn sandbox_id_rejects_traversal_and_wrong_width() {
-        for bad in ["../../etc/passwd", "", "ABCDEF0123456789abcdef0123456789", "abc"] {
+        for bad in [
+            "../../etc/passwd",
+            "",
+            "ABCDEF0123456789abcdef0123456789",
+            "abc",
+        ] {
             let err = SandboxId::parse("sandbox_id", bad).unwrap_err();
             assert_eq!(err.field(), "sandbox_id", "{bad}");
         }
@@ -259,7 +279,10 @@ mod tests {
             let err = SandboxName::parse("metadata.name", bad).unwrap_err();
             assert_eq!(err.field(), "metadata.name", "{bad:?}");
         }
-        assert!(NamespaceName::parse("namespace", "a.b").is_err(), "labels have no dots");
+        assert!(
+            NamespaceName::parse("namespace", "a.b").is_err(),
+            "labels have no dots"
+        );
         assert!(NamespaceName::parse("namespace", &"x".repeat(64)).is_err());
     }
 

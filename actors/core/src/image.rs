@@ -31,7 +31,9 @@ pub struct ImageRef {
 impl ImageRef {
     /// Parse and normalize; `field` names the input in errors (e.g. `spec.image`).
     pub fn parse(field: &str, input: &str) -> Result<Self, SpecError> {
-        let err = |why: String| SpecError::new(field, format!("invalid image reference {input:?}: {why}"));
+        let err = |why: String| {
+            SpecError::new(field, format!("invalid image reference {input:?}: {why}"))
+        };
         if input.is_empty() {
             return Err(SpecError::new(field, "must not be empty"));
         }
@@ -82,7 +84,9 @@ impl ImageRef {
         full.push_str(path);
         let name_end = full.len();
         if full.len() > MAX_NAME_LEN {
-            return Err(err(format!("repository name longer than {MAX_NAME_LEN} characters")));
+            return Err(err(format!(
+                "repository name longer than {MAX_NAME_LEN} characters"
+            )));
         }
         let tag = match (tag, digest) {
             (Some(t), _) => Some(t),
@@ -101,7 +105,13 @@ impl ImageRef {
             full.push_str(d);
             start
         });
-        Ok(Self { full: Arc::from(full), domain_end, name_end, tag: tag_range, digest_start })
+        Ok(Self {
+            full: Arc::from(full),
+            domain_end,
+            name_end,
+            tag: tag_range,
+            digest_start,
+        })
     }
 
     /// The normalized reference, e.g. `docker.io/library/busybox:latest`.
@@ -180,10 +190,10 @@ fn check_domain(domain: &str) -> Result<(), &'static str> {
         Some((h, p)) => (h, Some(p)),
         None => (domain, None),
     };
-    if let Some(p) = port {
-        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("registry port must be a number");
-        }
+    if let Some(p) = port
+        && (p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("registry port must be a number");
     }
     let label_ok = |l: &str| {
         !l.is_empty()
@@ -208,7 +218,9 @@ fn check_path_component(c: &str) -> Result<(), String> {
     let b = c.as_bytes();
     let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
     if !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return Err(format!("repository component {c:?} must start and end with a letter or digit"));
+        return Err(format!(
+            "repository component {c:?} must start and end with a letter or digit"
+        ));
     }
     let mut i = 0;
     while i < b.len() {
@@ -223,7 +235,9 @@ fn check_path_component(c: &str) -> Result<(), String> {
         let sep = &c[start..i];
         let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
         if !ok {
-            return Err(format!("repository component {c:?} has an invalid separator {sep:?}"));
+            return Err(format!(
+                "repository component {c:?} has an invalid separator {sep:?}"
+            ));
         }
     }
     Ok(())
@@ -237,7 +251,9 @@ fn check_tag(t: &str) -> Result<(), &'static str> {
         return Err("tag must be 1 to 128 characters");
     }
     if !word(b[0]) || !b.iter().all(|&x| word(x) || x == b'.' || x == b'-') {
-        return Err("tag may hold only letters, digits, '_', '.' and '-', not starting with '.' or '-'");
+        return Err(
+            "tag may hold only letters, digits, '_', '.' and '-', not starting with '.' or '-'",
+        );
     }
     Ok(())
 }

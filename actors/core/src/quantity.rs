@@ -4,11 +4,15 @@
 use crate::spec::SpecError;
 
 /// CPU in thousandths of a core (`500m` = 500, `1.5` = 1500).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct MilliCpu(pub u64);
 
 /// Memory in bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Bytes(pub u64);
 
 impl MilliCpu {
@@ -73,7 +77,11 @@ fn parse_decimal(s: &str, scale: u64) -> Option<u64> {
     if !digits(int) || !digits(frac) || (s.contains('.') && frac.is_empty()) || frac.len() > 9 {
         return None;
     }
-    let whole = if int.is_empty() { 0 } else { int.parse::<u64>().ok()? };
+    let whole = if int.is_empty() {
+        0
+    } else {
+        int.parse::<u64>().ok()?
+    };
     let mut total = whole.checked_mul(scale)?;
     if !frac.is_empty() {
         let denom = 10u128.pow(u32::try_from(frac.len()).ok()?);
@@ -95,7 +103,12 @@ mod tests {
         assert_eq!(MilliCpu::parse("cpu", "1.5").unwrap(), MilliCpu(1500));
         assert_eq!(MilliCpu::parse("cpu", "0.001").unwrap(), MilliCpu(1));
         for bad in ["", "0", "0m", "-1", "1.5m", "abc", "1.", ".", "1e3"] {
-            assert_eq!(MilliCpu::parse("spec.resources.cpu", bad).unwrap_err().field(), "spec.resources.cpu");
+            assert_eq!(
+                MilliCpu::parse("spec.resources.cpu", bad)
+                    .unwrap_err()
+                    .field(),
+                "spec.resources.cpu"
+            );
         }
     }
 

@@ -25,7 +25,10 @@ pub struct SpecError {
 impl SpecError {
     /// A failure of `field` because of `reason` (lowercase, no final period).
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// The offending field, e.g. `spec.exposedPorts[1]`.
@@ -46,7 +49,9 @@ impl HasErrorCode for SpecError {
 }
 
 /// A port on the agent's network namespace, 1..=65535.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "u32", into = "u16")]
 pub struct HostPort(u16);
 
@@ -55,7 +60,10 @@ impl HostPort {
     pub fn parse(field: &str, port: u32) -> Result<Self, SpecError> {
         match u16::try_from(port) {
             Ok(p) if p != 0 => Ok(Self(p)),
-            _ => Err(SpecError::new(field, format!("port {port} is out of range 1..65535"))),
+            _ => Err(SpecError::new(
+                field,
+                format!("port {port} is out of range 1..65535"),
+            )),
         }
     }
 
@@ -85,7 +93,9 @@ impl fmt::Display for HostPort {
 }
 
 /// OCI runtime running the sandbox.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
     /// runc (the default).
@@ -103,7 +113,10 @@ impl Runtime {
             "runc" => Ok(Self::Runc),
             "crun" => Ok(Self::Crun),
             "gvisor" | "runsc" => Ok(Self::Gvisor),
-            other => Err(SpecError::new(field, format!("unknown runtime {other:?} (runc, crun or gvisor)"))),
+            other => Err(SpecError::new(
+                field,
+                format!("unknown runtime {other:?} (runc, crun or gvisor)"),
+            )),
         }
     }
 
@@ -118,7 +131,9 @@ impl Runtime {
 }
 
 /// What happens when a sandbox's agent is lost.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum FailurePolicy {
     /// The sandbox goes Lost and stays there.
     #[default]
@@ -133,7 +148,10 @@ impl FailurePolicy {
         match s {
             "" | "Manual" => Ok(Self::Manual),
             "AutoRecreate" => Ok(Self::AutoRecreate),
-            other => Err(SpecError::new(field, format!("unknown failure policy {other:?} (Manual or AutoRecreate)"))),
+            other => Err(SpecError::new(
+                field,
+                format!("unknown failure policy {other:?} (Manual or AutoRecreate)"),
+            )),
         }
     }
 }
@@ -313,14 +331,20 @@ impl SandboxSpec {
         if self.command.len() + self.args.len() > limits.max_argv {
             return Err(SpecError::new(
                 "spec.args",
-                format!("command and args have more than {} entries", limits.max_argv),
+                format!(
+                    "command and args have more than {} entries",
+                    limits.max_argv
+                ),
             ));
         }
         let mut argv_bytes = 0;
         for (field, list) in [("spec.command", &self.command), ("spec.args", &self.args)] {
             for (i, a) in list.iter().enumerate() {
                 if a.contains('\0') {
-                    return Err(SpecError::new(format!("{field}[{i}]"), "must not contain NUL bytes"));
+                    return Err(SpecError::new(
+                        format!("{field}[{i}]"),
+                        "must not contain NUL bytes",
+                    ));
                 }
                 argv_bytes += a.len();
             }
@@ -337,10 +361,16 @@ impl SandboxSpec {
         let working_dir = match self.working_dir.as_str() {
             "" => None,
             d if !d.starts_with('/') => {
-                return Err(SpecError::new("spec.workingDir", format!("{d:?} must be an absolute path")));
+                return Err(SpecError::new(
+                    "spec.workingDir",
+                    format!("{d:?} must be an absolute path"),
+                ));
             }
             d if d.contains('\0') || d.len() > 4096 => {
-                return Err(SpecError::new("spec.workingDir", "must be at most 4096 bytes without NUL"));
+                return Err(SpecError::new(
+                    "spec.workingDir",
+                    "must be at most 4096 bytes without NUL",
+                ));
             }
             d => Some(d.to_owned()),
         };
@@ -358,7 +388,10 @@ impl SandboxSpec {
         let pids = match self.resources.pids {
             0 => None,
             p if p > limits.max_pids => {
-                return Err(SpecError::new("spec.resources.pids", format!("must be at most {}", limits.max_pids)));
+                return Err(SpecError::new(
+                    "spec.resources.pids",
+                    format!("must be at most {}", limits.max_pids),
+                ));
             }
             p => Some(p),
         };
@@ -396,7 +429,10 @@ impl SandboxSpec {
 
 fn validate_envs(envs: &[EnvVar], limits: &SpecLimits) -> Result<Vec<(String, String)>, SpecError> {
     if envs.len() > limits.max_envs {
-        return Err(SpecError::new("spec.envs", format!("more than {} entries", limits.max_envs)));
+        return Err(SpecError::new(
+            "spec.envs",
+            format!("more than {} entries", limits.max_envs),
+        ));
     }
     let mut bytes = 0;
     let mut seen = std::collections::HashMap::with_capacity(envs.len());
@@ -408,22 +444,36 @@ fn validate_envs(envs: &[EnvVar], limits: &SpecLimits) -> Result<Vec<(String, St
         }
         let b = e.name.as_bytes();
         let first_ok = b[0].is_ascii_alphabetic() || matches!(b[0], b'_' | b'-' | b'.');
-        let rest_ok = b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
+        let rest_ok = b
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
         if !first_ok || !rest_ok {
             return Err(SpecError::new(
                 field,
-                format!("{:?} must consist of letters, digits, '_', '-' or '.' and not start with a digit", e.name),
+                format!(
+                    "{:?} must consist of letters, digits, '_', '-' or '.' and not start with a digit",
+                    e.name
+                ),
             ));
         }
         if let Some(prev) = seen.insert(e.name.as_str(), i) {
-            return Err(SpecError::new(field, format!("duplicate of spec.envs[{prev}].name ({:?})", e.name)));
+            return Err(SpecError::new(
+                field,
+                format!("duplicate of spec.envs[{prev}].name ({:?})", e.name),
+            ));
         }
         if e.value.contains('\0') {
-            return Err(SpecError::new(format!("spec.envs[{i}].value"), "must not contain NUL bytes"));
+            return Err(SpecError::new(
+                format!("spec.envs[{i}].value"),
+                "must not contain NUL bytes",
+            ));
         }
         bytes += e.name.len() + e.value.len();
         if bytes > limits.max_env_bytes {
-            return Err(SpecError::new("spec.envs", format!("names and values exceed {} bytes", limits.max_env_bytes)));
+            return Err(SpecError::new(
+                "spec.envs",
+                format!("names and values exceed {} bytes", limits.max_env_bytes),
+            ));
         }
         out.push((e.name.clone(), e.value.clone()));
     }
@@ -432,7 +482,10 @@ fn validate_envs(envs: &[EnvVar], limits: &SpecLimits) -> Result<Vec<(String, St
 
 fn validate_ports(ports: &[u32], limits: &SpecLimits) -> Result<Vec<HostPort>, SpecError> {
     if ports.len() > limits.max_ports {
-        return Err(SpecError::new("spec.exposedPorts", format!("more than {} ports", limits.max_ports)));
+        return Err(SpecError::new(
+            "spec.exposedPorts",
+            format!("more than {} ports", limits.max_ports),
+        ));
     }
     let mut out = Vec::with_capacity(ports.len());
     for (i, &p) in ports.iter().enumerate() {
@@ -458,13 +511,18 @@ fn validate_labels(
     limits: &SpecLimits,
 ) -> Result<BTreeMap<String, String>, SpecError> {
     if labels.len() > limits.max_labels {
-        return Err(SpecError::new("metadata.labels", format!("more than {} labels", limits.max_labels)));
+        return Err(SpecError::new(
+            "metadata.labels",
+            format!("more than {} labels", limits.max_labels),
+        ));
     }
     let value_ok = |v: &str| {
         v.len() <= 63
-            && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             && (v.is_empty()
-                || (v.as_bytes()[0].is_ascii_alphanumeric() && v.as_bytes()[v.len() - 1].is_ascii_alphanumeric()))
+                || (v.as_bytes()[0].is_ascii_alphanumeric()
+                    && v.as_bytes()[v.len() - 1].is_ascii_alphanumeric()))
     };
     for (k, v) in labels {
         let field = format!("metadata.labels[{k:?}]");
@@ -476,10 +534,16 @@ fn validate_labels(
             crate::ids::check_dns1123_subdomain(&field, p)?;
         }
         if name.is_empty() || !value_ok(name) {
-            return Err(SpecError::new(field, "label key must be a qualified name (up to 63 alphanumerics, '-', '_', '.')"));
+            return Err(SpecError::new(
+                field,
+                "label key must be a qualified name (up to 63 alphanumerics, '-', '_', '.')",
+            ));
         }
         if !value_ok(v) {
-            return Err(SpecError::new(field, format!("label value {v:?} must be up to 63 alphanumerics, '-', '_', '.'")));
+            return Err(SpecError::new(
+                field,
+                format!("label value {v:?} must be up to 63 alphanumerics, '-', '_', '.'"),
+            ));
         }
     }
     Ok(labels.clone())
@@ -498,10 +562,23 @@ mod tests {
             image: "busybox".into(),
             command: vec!["sh".into(), "-c".into()],
             args: vec!["echo hi".into()],
-            envs: vec![EnvVar { name: "B".into(), value: "2".into() }, EnvVar { name: "A".into(), value: "1".into() }],
+            envs: vec![
+                EnvVar {
+                    name: "B".into(),
+                    value: "2".into(),
+                },
+                EnvVar {
+                    name: "A".into(),
+                    value: "1".into(),
+                },
+            ],
             working_dir: "/work".into(),
             exposed_ports: vec![8080, 65535],
-            resources: ResourcesSpec { cpu: "500m".into(), memory: "64Mi".into(), pids: 128 },
+            resources: ResourcesSpec {
+                cpu: "500m".into(),
+                memory: "64Mi".into(),
+                pids: 128,
+            },
             runtime: "crun".into(),
             failure_policy: "AutoRecreate".into(),
             recovery_timeout_seconds: 0,
@@ -510,15 +587,25 @@ mod tests {
     }
 
     fn limits() -> SpecLimits {
-        SpecLimits { agent_port: Some(5758), ..SpecLimits::default() }
+        SpecLimits {
+            agent_port: Some(5758),
+            ..SpecLimits::default()
+        }
     }
 
     #[test]
     fn a_valid_spec_is_typed_and_normalized() {
         let v = valid().validate(&limits()).unwrap();
         assert_eq!(v.image.as_str(), "docker.io/library/busybox:latest");
-        assert_eq!(v.envs, vec![("B".into(), "2".into()), ("A".into(), "1".into())], "env order kept");
-        assert_eq!(v.ports.iter().map(|p| p.get()).collect::<Vec<_>>(), vec![8080, 65535]);
+        assert_eq!(
+            v.envs,
+            vec![("B".into(), "2".into()), ("A".into(), "1".into())],
+            "env order kept"
+        );
+        assert_eq!(
+            v.ports.iter().map(|p| p.get()).collect::<Vec<_>>(),
+            vec![8080, 65535]
+        );
         assert_eq!(v.cpu, Some(MilliCpu(500)));
         assert_eq!(v.memory, Some(Bytes(64 << 20)));
         assert_eq!(v.runtime, Some(Runtime::Crun));
@@ -549,15 +636,23 @@ mod tests {
             ("spec.envs", |s| s.envs[0].value = "x".repeat(1 << 20)),
             ("spec.workingDir", |s| s.working_dir = "relative/dir".into()),
             ("spec.exposedPorts[0]", |s| s.exposed_ports = vec![0]),
-            ("spec.exposedPorts[1]", |s| s.exposed_ports = vec![80, 65536]),
+            ("spec.exposedPorts[1]", |s| {
+                s.exposed_ports = vec![80, 65536]
+            }),
             ("spec.exposedPorts[0]", |s| s.exposed_ports = vec![5758]),
             ("spec.exposedPorts[1]", |s| s.exposed_ports = vec![80, 80]),
-            ("spec.exposedPorts", |s| s.exposed_ports = (1..=10_000).collect()),
+            ("spec.exposedPorts", |s| {
+                s.exposed_ports = (1..=10_000).collect()
+            }),
             ("spec.resources.cpu", |s| s.resources.cpu = "lots".into()),
-            ("spec.resources.memory", |s| s.resources.memory = "-1Gi".into()),
+            ("spec.resources.memory", |s| {
+                s.resources.memory = "-1Gi".into()
+            }),
             ("spec.resources.pids", |s| s.resources.pids = u32::MAX),
             ("spec.runtime", |s| s.runtime = "kata".into()),
-            ("spec.failurePolicy", |s| s.failure_policy = "Sometimes".into()),
+            ("spec.failurePolicy", |s| {
+                s.failure_policy = "Sometimes".into()
+            }),
             ("metadata.labels[\"bad key!\"]", |s| {
                 s.labels.insert("bad key!".into(), "v".into());
             }),
@@ -588,7 +683,11 @@ mod tests {
         let a = valid().validate(&limits()).unwrap();
         let mut other = valid();
         other.image = "docker.io/library/busybox:latest".into();
-        assert_eq!(a.digest(), other.validate(&limits()).unwrap().digest(), "normalized image, same digest");
+        assert_eq!(
+            a.digest(),
+            other.validate(&limits()).unwrap().digest(),
+            "normalized image, same digest"
+        );
         other.args = vec!["echo bye".into()];
         assert_ne!(a.digest(), other.validate(&limits()).unwrap().digest());
     }

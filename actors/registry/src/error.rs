@@ -30,7 +30,9 @@ pub enum RegistryError {
         pool: PoolName,
     },
     /// Agents have free slots but every one uses one of the requested ports.
-    #[error("spec.exposedPorts: ports {ports:?} are in use on every agent of pool {pool:?} with a free slot")]
+    #[error(
+        "spec.exposedPorts: ports {ports:?} are in use on every agent of pool {pool:?} with a free slot"
+    )]
     PortsInUse {
         /// Pool asked for.
         pool: PoolName,
@@ -50,7 +52,10 @@ pub enum RegistryError {
 
 impl RegistryError {
     pub(crate) fn ports_in_use(pool: PoolName, ports: &[HostPort]) -> Self {
-        Self::PortsInUse { pool, ports: ports.iter().map(|p| p.get()).collect() }
+        Self::PortsInUse {
+            pool,
+            ports: ports.iter().map(|p| p.get()).collect(),
+        }
     }
 }
 

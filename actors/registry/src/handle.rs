@@ -22,19 +22,35 @@ pub struct RegistryHandle {
 impl RegistryHandle {
     /// Start the registry under a supervisor on the current actix arbiter.
     pub fn start() -> Self {
-        Self { addr: Supervisor::start(|_| RegistryActor::default()) }
+        Self {
+            addr: Supervisor::start(|_| RegistryActor::default()),
+        }
     }
 
     /// Reserve a slot; see [`AllocateOutcome`].
     pub async fn allocate(&self, req: AllocateRequest) -> Result<AllocateOutcome, RegistryError> {
         let span = tracing::Span::current();
-        self.addr.send(Allocate { req, span }).await.map_err(unavailable)
+        self.addr
+            .send(Allocate { req, span })
+            .await
+            .map_err(unavailable)
     }
 
     /// Free the slot of `sandbox` held by `agent`.
-    pub async fn release(&self, sandbox: SandboxId, agent: AgentId) -> Result<ReleaseOutcome, RegistryError> {
+    pub async fn release(
+        &self,
+        sandbox: SandboxId,
+        agent: AgentId,
+    ) -> Result<ReleaseOutcome, RegistryError> {
         let span = tracing::Span::current();
-        self.addr.send(Release { sandbox, agent, span }).await.map_err(unavailable)
+        self.addr
+            .send(Release {
+                sandbox,
+                agent,
+                span,
+            })
+            .await
+            .map_err(unavailable)
     }
 
     /// Apply an agent's full inventory.
@@ -44,7 +60,10 @@ impl RegistryHandle {
 
     /// Forget an agent; returns the sandboxes it held.
     pub async fn agent_lost(&self, agent: AgentId) -> Result<Vec<SandboxId>, RegistryError> {
-        self.addr.send(AgentLost { agent }).await.map_err(unavailable)
+        self.addr
+            .send(AgentLost { agent })
+            .await
+            .map_err(unavailable)
     }
 
     /// A consistent copy of the state.

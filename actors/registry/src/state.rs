@@ -4,9 +4,12 @@
 //!
 //! Placement order: agents of the request's (namespace, pool) group that are healthy,
 //! have a free slot and have every requested port free; among them those holding the
-//! image first, then the least loaded, then the smallest agent id (stable tie-break).
-//! Two ordered indexes per group (`free`, `by_image`) keyed by (load, agent id) make
-//! the usual allocation O(log n); only port conflicts make it walk further.
+//! image first, then the least loaded, then the lowest registry slot (agents get
+//! slots in registration order; a deterministic tie-break that never flaps).
+//! Two ordered indexes per group (`free`, `by_image`) keyed by (load, slot) make the
+//! usual allocation O(log n) with integer comparisons; only port conflicts make it
+//! walk further. Internal maps use foldhash (seeded per process, so still resistant
+//! to hash flooding) because SipHash was a third of the allocation cost.
 //!
 //! Invariants (checked by [`RegistryState::verify`] in the property tests):
 //! - a port is held by at most one sandbox per agent;
@@ -14,10 +17,7 @@
 //! - agent sandbox sets, the sandbox table, the request table and the indexes agree;
 //! - nothing is kept for finished sandboxes, lost agents or empty groups.
 
-use std::{
-    collections::{BTreeSet, HashMap, HashSet, hash_map::Entry},
-    num::NonZeroU32,
-};
+use std::{collections::BTreeSet, num::NonZeroU32};
 
 use fsb_core::{
     AgentId, HostPort, ImageRef, NamespaceName, NodeName, PoolName, RequestId, SandboxId,
@@ -145,11 +145,13 @@ impl AllocateOutcome {
                 namespace: req.namespace.clone(),
             }),
             Self::Exhausted(ExhaustedReason::NoHealthyAgent) => {
-                Err(RegistryError::NoHealthyAgent { pool: req.pool.clone() })
+                Err(RegistryError::NoHealthyAgent {
+                    pool: req.pool.clone(),
+                })
             }
-            Self::Exhausted(ExhaustedReason::NoFreeSlot) => {
-                Err(RegistryError::NoFreeSlot { pool: req.pool.clone() })
-            }
+            Self::Exhausted(ExhaustedReason::NoFreeSlot) => Err(RegistryError::NoFreeSlot {
+                pool: req.pool.clone(),
+            }),
             Self::Exhausted(ExhaustedReason::PortsInUse) => {
                 Err(RegistryError::ports_in_use(req.pool.clone(), &req.ports))
             }
@@ -215,13 +217,18 @@ pub struct RegistrySnapshot {
     pub metrics: RegistryMetrics,
 }
 
+type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type Set<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// Dense index of an agent in the registry's slab.
+type Slot = u32;
+type LoadKey = (u32, Slot);
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct GroupKey {
     namespace: NamespaceName,
     pool: PoolName,
 }
-
-type LoadKey = (u32, AgentId);
 
 /// Agents of one (namespace, pool), indexed for placement.
 #[derive(Debug, Default)]
@@ -231,30 +238,35 @@ struct Group {
     /// Healthy agents with a free slot, least loaded first.
     free: BTreeSet<LoadKey>,
     /// Same, per image the agent holds.
-    by_image: HashMap<ImageRef, BTreeSet<LoadKey>>,
+    by_image: Map<ImageRef, BTreeSet<LoadKey>>,
 }
 
 #[derive(Debug)]
 struct AgentEntry {
     info: AgentInfo,
+    slot: Slot,
     group: GroupKey,
-    images: HashSet<ImageRef>,
-    sandboxes: HashSet<SandboxId>,
-    ports: HashMap<HostPort, SandboxId>,
+    images: Set<ImageRef>,
+    sandboxes: Set<SandboxId>,
+    ports: Map<HostPort, SandboxId>,
     /// Whether the entry is in its group's indexes under `load_key()`.
     indexed: bool,
 }
 
 impl AgentEntry {
-    fn new(info: AgentInfo) -> Self {
-        let group = GroupKey { namespace: info.namespace.clone(), pool: info.pool.clone() };
+    fn new(info: AgentInfo, slot: Slot) -> Self {
+        let group = GroupKey {
+            namespace: info.namespace.clone(),
+            pool: info.pool.clone(),
+        };
         let images = info.images.iter().cloned().collect();
         Self {
             info,
+            slot,
             group,
             images,
-            sandboxes: HashSet::new(),
-            ports: HashMap::new(),
+            sandboxes: Set::default(),
+            ports: Map::default(),
             indexed: false,
         }
     }
@@ -272,13 +284,13 @@ impl AgentEntry {
     }
 
     fn load_key(&self) -> LoadKey {
-        (self.used(), self.info.id.clone())
+        (self.used(), self.slot)
     }
 }
 
 #[derive(Debug)]
 struct Allocation {
-    agent: AgentId,
+    agent: Slot,
     ports: Vec<HostPort>,
     request: Option<(RequestId, SpecDigest)>,
     /// Seen in a report of its agent. Unconfirmed allocations are in flight: a report
@@ -289,10 +301,13 @@ struct Allocation {
 /// The registry: agents, their slots and ports, and live allocations.
 #[derive(Debug, Default)]
 pub struct RegistryState {
-    agents: HashMap<AgentId, AgentEntry>,
-    groups: HashMap<GroupKey, Group>,
-    sandboxes: HashMap<SandboxId, Allocation>,
-    requests: HashMap<RequestId, SandboxId>,
+    slots: Map<AgentId, Slot>,
+    /// Agents by slot; `None` marks a slot free for reuse.
+    agents: Vec<Option<AgentEntry>>,
+    vacant: Vec<Slot>,
+    groups: Map<GroupKey, Group>,
+    sandboxes: Map<SandboxId, Allocation>,
+    requests: Map<RequestId, SandboxId>,
     metrics: RegistryMetrics,
 }
 
@@ -302,21 +317,39 @@ impl RegistryState {
         Self::default()
     }
 
+    fn agent(&self, slot: Slot) -> &AgentEntry {
+        match self.agents.get(slot as usize) {
+            Some(Some(a)) => a,
+            // Slots in indexes and allocations always name live agents (verify() checks).
+            _ => unreachable!("registry slot {slot} is vacant"),
+        }
+    }
+
+    fn agent_mut(&mut self, slot: Slot) -> Option<&mut AgentEntry> {
+        self.agents.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    fn live_agents(&self) -> impl Iterator<Item = &AgentEntry> {
+        self.agents.iter().flatten()
+    }
+
     /// Reserve a slot (and ports) for `req`, or say precisely why not.
     pub fn allocate(&mut self, req: &AllocateRequest) -> AllocateOutcome {
         if let Some(existing) = self.requests.get(&req.request_id) {
             let alloc = &self.sandboxes[existing];
-            let same_spec = alloc.request.as_ref().is_some_and(|(_, d)| *d == req.digest);
+            let same_spec = alloc
+                .request
+                .as_ref()
+                .is_some_and(|(_, d)| *d == req.digest);
             if same_spec {
                 self.metrics.already_yours += 1;
-                let agent = &self.agents[&alloc.agent];
-                let image_cached = agent.images.contains(&req.image);
+                let agent = self.agent(alloc.agent);
                 return AllocateOutcome::AlreadyYours(Placement {
                     sandbox_id: existing.clone(),
-                    agent: alloc.agent.clone(),
+                    agent: agent.info.id.clone(),
                     node: agent.info.node.clone(),
                     ports: alloc.ports.clone(),
-                    image_cached,
+                    image_cached: agent.images.contains(&req.image),
                 });
             }
             self.metrics.conflicts += 1;
@@ -329,17 +362,23 @@ impl RegistryState {
             return AllocateOutcome::Conflict(ConflictReason::SandboxIdInUse);
         }
 
-        let key = GroupKey { namespace: req.namespace.clone(), pool: req.pool.clone() };
+        let key = GroupKey {
+            namespace: req.namespace.clone(),
+            pool: req.pool.clone(),
+        };
         let Some(group) = self.groups.get(&key) else {
             self.metrics.exhausted += 1;
             return AllocateOutcome::Exhausted(ExhaustedReason::NoAgents);
         };
-        let fits = |(_, id): &&LoadKey| self.agents[id].ports_free(&req.ports);
-        let with_image = group.by_image.get(&req.image).and_then(|set| set.iter().find(fits));
-        let (agent_id, image_cached) = match with_image {
-            Some((_, id)) => (id.clone(), true),
+        let fits = |(_, slot): &&LoadKey| self.agent(*slot).ports_free(&req.ports);
+        let with_image = group
+            .by_image
+            .get(&req.image)
+            .and_then(|set| set.iter().find(fits));
+        let (slot, image_cached) = match with_image {
+            Some((_, slot)) => (*slot, true),
             None => match group.free.iter().find(fits) {
-                Some((_, id)) => (id.clone(), false),
+                Some((_, slot)) => (*slot, false),
                 None => {
                     self.metrics.exhausted += 1;
                     let reason = if group.healthy == 0 {
@@ -354,80 +393,95 @@ impl RegistryState {
             },
         };
 
-        self.unindex(&agent_id);
-        let Some(agent) = self.agents.get_mut(&agent_id) else {
-            // Unreachable: indexes only name registered agents.
+        self.unindex(slot);
+        let Some(agent) = self.agent_mut(slot) else {
             return AllocateOutcome::Exhausted(ExhaustedReason::NoAgents);
         };
         agent.sandboxes.insert(req.sandbox_id.clone());
         for p in &req.ports {
             agent.ports.insert(*p, req.sandbox_id.clone());
         }
-        let node = agent.info.node.clone();
-        self.index(&agent_id);
+        let placement = Placement {
+            sandbox_id: req.sandbox_id.clone(),
+            agent: agent.info.id.clone(),
+            node: agent.info.node.clone(),
+            ports: req.ports.clone(),
+            image_cached,
+        };
+        self.index(slot);
         self.sandboxes.insert(
             req.sandbox_id.clone(),
             Allocation {
-                agent: agent_id.clone(),
+                agent: slot,
                 ports: req.ports.clone(),
                 request: Some((req.request_id.clone(), req.digest)),
                 confirmed: false,
             },
         );
-        self.requests.insert(req.request_id.clone(), req.sandbox_id.clone());
+        self.requests
+            .insert(req.request_id.clone(), req.sandbox_id.clone());
         self.metrics.allocated += 1;
-        AllocateOutcome::Allocated(Placement {
-            sandbox_id: req.sandbox_id.clone(),
-            agent: agent_id,
-            node,
-            ports: req.ports.clone(),
-            image_cached,
-        })
+        AllocateOutcome::Allocated(placement)
     }
 
     /// Free the slot of `sandbox` held by `agent`. Idempotent; refuses other owners.
     pub fn release(&mut self, sandbox: &SandboxId, agent: &AgentId) -> ReleaseOutcome {
-        match self.sandboxes.get(sandbox) {
-            None => {
-                self.metrics.release_unknown += 1;
-                ReleaseOutcome::AlreadyReleased
-            }
-            Some(a) if a.agent != *agent => {
-                self.metrics.release_not_owner += 1;
-                ReleaseOutcome::NotOwner { owner: a.agent.clone() }
-            }
-            Some(_) => {
-                self.remove_sandbox(sandbox);
-                self.metrics.released += 1;
-                ReleaseOutcome::Released
-            }
+        let Some(alloc) = self.sandboxes.get(sandbox) else {
+            self.metrics.release_unknown += 1;
+            return ReleaseOutcome::AlreadyReleased;
+        };
+        if self.slots.get(agent) != Some(&alloc.agent) {
+            self.metrics.release_not_owner += 1;
+            return ReleaseOutcome::NotOwner {
+                owner: self.agent(alloc.agent).info.id.clone(),
+            };
         }
+        self.remove_sandbox(sandbox);
+        self.metrics.released += 1;
+        ReleaseOutcome::Released
     }
 
     /// Apply an agent's full report: register or update the agent, confirm and adopt
     /// what it holds, free what it no longer holds, and drop in-flight allocations
     /// that reality leaves no room for.
     pub fn report(&mut self, report: AgentReport) -> ReportOutcome {
-        let AgentReport { agent: info, sandboxes: reported } = report;
-        let id = info.id.clone();
+        let AgentReport {
+            agent: info,
+            sandboxes: reported,
+        } = report;
         let mut out = ReportOutcome::default();
 
-        self.unindex(&id);
-        match self.agents.entry(id.clone()) {
-            Entry::Occupied(mut e) => {
-                let entry = e.get_mut();
-                entry.group = GroupKey { namespace: info.namespace.clone(), pool: info.pool.clone() };
-                entry.images = info.images.iter().cloned().collect();
-                entry.info = info;
+        let slot = match self.slots.get(&info.id) {
+            Some(&slot) => {
+                self.unindex(slot);
+                if let Some(entry) = self.agent_mut(slot) {
+                    entry.group = GroupKey {
+                        namespace: info.namespace.clone(),
+                        pool: info.pool.clone(),
+                    };
+                    entry.images = info.images.iter().cloned().collect();
+                    entry.info = info;
+                }
+                slot
             }
-            Entry::Vacant(v) => {
-                v.insert(AgentEntry::new(info));
+            None => {
+                let slot = match self.vacant.pop() {
+                    Some(s) => s,
+                    None => {
+                        self.agents.push(None);
+                        u32::try_from(self.agents.len() - 1).unwrap_or(u32::MAX)
+                    }
+                };
+                self.slots.insert(info.id.clone(), slot);
+                self.agents[slot as usize] = Some(AgentEntry::new(info, slot));
+                slot
             }
-        }
+        };
 
         // Confirmed sandboxes that are no longer reported have finished.
-        let reported_ids: HashSet<&SandboxId> = reported.iter().map(|r| &r.id).collect();
-        let mut finished: Vec<SandboxId> = self.agents[&id]
+        let reported_ids: Set<&SandboxId> = reported.iter().map(|r| &r.id).collect();
+        let mut finished: Vec<SandboxId> = self
+            .agent(slot)
             .sandboxes
             .iter()
             .filter(|s| !reported_ids.contains(s) && self.sandboxes[*s].confirmed)
@@ -442,11 +496,11 @@ impl RegistryState {
 
         for r in reported {
             match self.sandboxes.get_mut(&r.id) {
-                Some(a) if a.agent == id && a.ports == r.ports => {
+                Some(a) if a.agent == slot && a.ports == r.ports => {
                     a.confirmed = true;
                     continue;
                 }
-                Some(a) if a.agent == id => {}
+                Some(a) if a.agent == slot => {}
                 Some(_) => {
                     self.metrics.moved += 1;
                     out.moved.push(r.id.clone());
@@ -459,8 +513,12 @@ impl RegistryState {
             // Reported reality wins: keep the request id if it was ours, re-seat ports.
             let request = self.remove_sandbox(&r.id).and_then(|a| a.request);
             let clashing: Vec<SandboxId> = {
-                let agent = &self.agents[&id];
-                let mut c: Vec<_> = r.ports.iter().filter_map(|p| agent.ports.get(p).cloned()).collect();
+                let agent = self.agent(slot);
+                let mut c: Vec<_> = r
+                    .ports
+                    .iter()
+                    .filter_map(|p| agent.ports.get(p).cloned())
+                    .collect();
                 c.sort();
                 c.dedup();
                 c
@@ -468,7 +526,7 @@ impl RegistryState {
             for victim in clashing {
                 self.evict(&victim, &mut out);
             }
-            if let Some(agent) = self.agents.get_mut(&id) {
+            if let Some(agent) = self.agent_mut(slot) {
                 agent.sandboxes.insert(r.id.clone());
                 for p in &r.ports {
                     agent.ports.insert(*p, r.id.clone());
@@ -479,18 +537,24 @@ impl RegistryState {
             }
             self.sandboxes.insert(
                 r.id,
-                Allocation { agent: id.clone(), ports: r.ports, request, confirmed: true },
+                Allocation {
+                    agent: slot,
+                    ports: r.ports,
+                    request,
+                    confirmed: true,
+                },
             );
         }
 
         // Over capacity (the agent holds more than we thought): in-flight ones yield,
         // highest id first so the choice is deterministic.
         let (used, capacity) = {
-            let a = &self.agents[&id];
+            let a = self.agent(slot);
             (a.used(), a.info.capacity.get())
         };
         if used > capacity {
-            let mut pending: Vec<SandboxId> = self.agents[&id]
+            let mut pending: Vec<SandboxId> = self
+                .agent(slot)
                 .sandboxes
                 .iter()
                 .filter(|s| !self.sandboxes[*s].confirmed)
@@ -502,16 +566,20 @@ impl RegistryState {
             }
         }
 
-        self.index(&id);
+        self.index(slot);
         out
     }
 
     /// Forget an agent and everything it held; returns the sandboxes it held, sorted.
     pub fn agent_lost(&mut self, agent: &AgentId) -> Vec<SandboxId> {
-        self.unindex(agent);
-        let Some(entry) = self.agents.remove(agent) else {
+        let Some(slot) = self.slots.remove(agent) else {
             return Vec::new();
         };
+        self.unindex(slot);
+        let Some(entry) = self.agents.get_mut(slot as usize).and_then(Option::take) else {
+            return Vec::new();
+        };
+        self.vacant.push(slot);
         self.metrics.agents_lost += 1;
         let mut lost: Vec<SandboxId> = entry.sandboxes.into_iter().collect();
         lost.sort();
@@ -525,7 +593,9 @@ impl RegistryState {
 
     /// The agent holding `sandbox`, if any.
     pub fn owner_of(&self, sandbox: &SandboxId) -> Option<&AgentId> {
-        self.sandboxes.get(sandbox).map(|a| &a.agent)
+        self.sandboxes
+            .get(sandbox)
+            .map(|a| &self.agent(a.agent).info.id)
     }
 
     /// Number of sandboxes holding a slot.
@@ -535,7 +605,7 @@ impl RegistryState {
 
     /// Number of registered agents.
     pub fn agent_count(&self) -> usize {
-        self.agents.len()
+        self.slots.len()
     }
 
     /// Decision counters.
@@ -546,12 +616,15 @@ impl RegistryState {
     /// A consistent copy for status and tests.
     pub fn snapshot(&self) -> RegistrySnapshot {
         let mut agents: Vec<AgentView> = self
-            .agents
-            .values()
+            .live_agents()
             .map(|a| {
                 let mut ports: Vec<HostPort> = a.ports.keys().copied().collect();
                 ports.sort();
-                AgentView { info: a.info.clone(), used: a.used(), ports }
+                AgentView {
+                    info: a.info.clone(),
+                    used: a.used(),
+                    ports,
+                }
             })
             .collect();
         agents.sort_by(|a, b| a.info.id.cmp(&b.info.id));
@@ -566,57 +639,92 @@ impl RegistryState {
     /// Check every invariant listed in the module docs; `Err` says which broke.
     /// O(everything): for tests and debugging, not the hot path.
     pub fn verify(&self) -> Result<(), String> {
+        if self.slots.len() != self.live_agents().count() {
+            return Err("slot table and agent slab disagree".into());
+        }
         let mut held = 0;
-        for (id, a) in &self.agents {
-            if a.info.id != *id {
-                return Err(format!("agent {id} stored under another id"));
+        for a in self.live_agents() {
+            let id = &a.info.id;
+            if self.slots.get(id) != Some(&a.slot) || self.vacant.contains(&a.slot) {
+                return Err(format!("agent {id} has a stale slot"));
             }
             if a.used() > a.info.capacity.get() {
-                return Err(format!("agent {id} holds {} > capacity {}", a.used(), a.info.capacity));
+                return Err(format!(
+                    "agent {id} holds {} > capacity {}",
+                    a.used(),
+                    a.info.capacity
+                ));
             }
             held += a.sandboxes.len();
             for s in &a.sandboxes {
                 match self.sandboxes.get(s) {
-                    Some(alloc) if alloc.agent == *id => {}
+                    Some(alloc) if alloc.agent == a.slot => {}
                     _ => return Err(format!("agent {id} lists {s} which is not allocated to it")),
                 }
             }
             for (p, s) in &a.ports {
-                let ok = self.sandboxes.get(s).is_some_and(|al| al.agent == *id && al.ports.contains(p));
+                let ok = self
+                    .sandboxes
+                    .get(s)
+                    .is_some_and(|al| al.agent == a.slot && al.ports.contains(p));
                 if !ok {
-                    return Err(format!("agent {id} port {p} held by {s} which does not claim it"));
+                    return Err(format!(
+                        "agent {id} port {p} held by {s} which does not claim it"
+                    ));
                 }
             }
-            if a.indexed != self.groups.contains_key(&a.group) {
-                return Err(format!("agent {id} indexed={} but group presence differs", a.indexed));
+            if !a.indexed || !self.groups.contains_key(&a.group) {
+                return Err(format!("agent {id} is missing from its group's indexes"));
             }
         }
         if held != self.sandboxes.len() {
-            return Err(format!("agents hold {held} sandboxes, table has {}", self.sandboxes.len()));
+            return Err(format!(
+                "agents hold {held} sandboxes, table has {}",
+                self.sandboxes.len()
+            ));
         }
         for (s, alloc) in &self.sandboxes {
-            let agent = &self.agents[&alloc.agent];
+            let agent = match self.agents.get(alloc.agent as usize) {
+                Some(Some(a)) => a,
+                _ => return Err(format!("{s} is allocated to vacant slot {}", alloc.agent)),
+            };
             for p in &alloc.ports {
                 if agent.ports.get(p) != Some(s) {
-                    return Err(format!("{s} claims port {p} on {} but does not hold it", alloc.agent));
+                    return Err(format!(
+                        "{s} claims port {p} on {} but does not hold it",
+                        agent.info.id
+                    ));
                 }
             }
-            if let Some((rid, _)) = &alloc.request {
-                if self.requests.get(rid) != Some(s) {
-                    return Err(format!("request {rid} of {s} missing from the request table"));
-                }
+            if let Some((rid, _)) = &alloc.request
+                && self.requests.get(rid) != Some(s)
+            {
+                return Err(format!(
+                    "request {rid} of {s} missing from the request table"
+                ));
             }
         }
         for (rid, s) in &self.requests {
-            let ok = self.sandboxes.get(s).and_then(|a| a.request.as_ref()).is_some_and(|(r, _)| r == rid);
+            let ok = self
+                .sandboxes
+                .get(s)
+                .and_then(|a| a.request.as_ref())
+                .is_some_and(|(r, _)| r == rid);
             if !ok {
-                return Err(format!("request {rid} points at {s} which does not carry it"));
+                return Err(format!(
+                    "request {rid} points at {s} which does not carry it"
+                ));
             }
         }
         for (key, g) in &self.groups {
-            let members: Vec<&AgentEntry> = self.agents.values().filter(|a| a.group == *key).collect();
+            let members: Vec<&AgentEntry> =
+                self.live_agents().filter(|a| a.group == *key).collect();
             if members.is_empty() || g.agents != members.len() {
-                return Err(format!("group {key:?} counts {} agents, has {}", g.agents, members.len()));
+                return Err(format!(
+                    "group {key:?} counts {} agents, has {}",
+                    g.agents,
+                    members.len()
+                ));
             }
             if g.healthy != members.iter().filter(|a| a.info.healthy).count() {
                 return Err(format!("group {key:?} healthy count is wrong"));
@@ -630,8 +738,11 @@ impl RegistryState {
                 return Err(format!("group {key:?} free index is stale"));
             }
             for (image, set) in &g.by_image {
-                let want: BTreeSet<LoadKey> =
-                    want.iter().filter(|(_, id)| self.agents[id].images.contains(image)).cloned().collect();
+                let want: BTreeSet<LoadKey> = want
+                    .iter()
+                    .filter(|(_, slot)| self.agent(*slot).images.contains(image))
+                    .copied()
+                    .collect();
                 if *set != want || set.is_empty() {
                     return Err(format!("group {key:?} image index for {image} is stale"));
                 }
@@ -644,12 +755,12 @@ impl RegistryState {
     fn remove_sandbox(&mut self, sandbox: &SandboxId) -> Option<Allocation> {
         let alloc = self.sandboxes.remove(sandbox)?;
         self.forget_request(sandbox, alloc.request.as_ref());
-        let agent_id = alloc.agent.clone();
-        let was_indexed = self.agents.get(&agent_id).is_some_and(|a| a.indexed);
+        let slot = alloc.agent;
+        let was_indexed = self.agent_mut(slot).is_some_and(|a| a.indexed);
         if was_indexed {
-            self.unindex(&agent_id);
+            self.unindex(slot);
         }
-        if let Some(agent) = self.agents.get_mut(&agent_id) {
+        if let Some(agent) = self.agent_mut(slot) {
             agent.sandboxes.remove(sandbox);
             for p in &alloc.ports {
                 if agent.ports.get(p) == Some(sandbox) {
@@ -658,7 +769,7 @@ impl RegistryState {
             }
         }
         if was_indexed {
-            self.index(&agent_id);
+            self.index(slot);
         }
         Some(alloc)
     }
@@ -671,21 +782,25 @@ impl RegistryState {
     }
 
     fn forget_request(&mut self, sandbox: &SandboxId, request: Option<&(RequestId, SpecDigest)>) {
-        if let Some((rid, _)) = request {
-            if self.requests.get(rid) == Some(sandbox) {
-                self.requests.remove(rid);
-            }
+        if let Some((rid, _)) = request
+            && self.requests.get(rid) == Some(sandbox)
+        {
+            self.requests.remove(rid);
         }
     }
 
     /// Take an agent out of its group's indexes (before its load or info changes).
-    fn unindex(&mut self, id: &AgentId) {
-        let Some(agent) = self.agents.get_mut(id) else { return };
+    fn unindex(&mut self, slot: Slot) {
+        let Some(Some(agent)) = self.agents.get_mut(slot as usize) else {
+            return;
+        };
         if !agent.indexed {
             return;
         }
         agent.indexed = false;
-        let Some(group) = self.groups.get_mut(&agent.group) else { return };
+        let Some(group) = self.groups.get_mut(&agent.group) else {
+            return;
+        };
         group.agents -= 1;
         if agent.info.healthy {
             group.healthy -= 1;
@@ -707,8 +822,10 @@ impl RegistryState {
     }
 
     /// Put an agent back into its group's indexes under its current load.
-    fn index(&mut self, id: &AgentId) {
-        let Some(agent) = self.agents.get_mut(id) else { return };
+    fn index(&mut self, slot: Slot) {
+        let Some(Some(agent)) = self.agents.get_mut(slot as usize) else {
+            return;
+        };
         if agent.indexed {
             return;
         }
@@ -721,7 +838,7 @@ impl RegistryState {
         if agent.info.healthy && agent.has_free_slot() {
             let key = agent.load_key();
             for image in &agent.images {
-                group.by_image.entry(image.clone()).or_default().insert(key.clone());
+                group.by_image.entry(image.clone()).or_default().insert(key);
             }
             group.free.insert(key);
         }

