@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test entry point: `tests/run.sh [unit|containerd|k8s|all]` (default all).
+# The test entry point: `tests/run.sh [lint|unit|containerd|k8s|all]` (default all).
 #
+#   lint        cargo fmt --check and cargo clippy -D warnings on every target
 #   unit        cargo test for every crate except fsb-tests (no containerd needed)
 #   containerd  a private containerd + the offline busybox OCI image, then
 #               `cargo test -p fsb-tests` against them (needs root)
@@ -39,7 +40,23 @@ PACKAGES=(
 
 say() { echo "==> $*" >&2; }
 
+# Every `cargo test` output goes through here so the run ends with one total line.
+TEST_LOG="$(mktemp /tmp/fsb-run-tests.XXXXXX)"
+cargo_test() {
+  cargo test "$@" 2>&1 | tee -a "$TEST_LOG"
+}
+
+summarize() {
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+       END { printf "tests: %d passed, %d failed\n", p, f }' "$TEST_LOG"
+  rm -f "$TEST_LOG"
+}
+
 ensure_packages() {
+  if ! command -v cargo >/dev/null; then
+    echo "run.sh: cargo not found: install Rust >= 1.88 with rustup (https://rustup.rs), then rerun" >&2
+    exit 1
+  fi
   local entry pkg missing=()
   for entry in "${PACKAGES[@]}"; do
     pkg="${entry%%:*}"
@@ -59,6 +76,7 @@ CONTAINERD_STARTED=0
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  summarize
   if [[ $CONTAINERD_STARTED -eq 1 ]]; then
     say "stopping the private containerd"
     if ! "$SCRIPTS/containerd.sh" stop; then
@@ -73,10 +91,17 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- suites -----------------------------------------------------------------------
+run_lint() {
+  ensure_packages # protoc for fsb-proto
+  say "lint: cargo fmt --check; cargo clippy --workspace --all-targets -D warnings"
+  cargo fmt --all --check
+  cargo clippy --workspace --all-targets -- -D warnings
+}
+
 run_unit() {
   ensure_packages # protoc for fsb-proto
   say "unit: cargo test --workspace --exclude fsb-tests"
-  cargo test --workspace --exclude fsb-tests "$@"
+  cargo_test --workspace --exclude fsb-tests "$@"
 }
 
 run_containerd() {
@@ -106,7 +131,7 @@ run_containerd() {
   export FSB_TEST_IMAGE="$ref" FSB_TEST_IMAGE_ARCHIVE="$archive"
 
   say "containerd: cargo test -p fsb-tests (image $ref, socket $FSB_CONTAINERD_SOCKET)"
-  cargo test -p fsb-tests "$@"
+  cargo_test -p fsb-tests "$@"
 
   "$SCRIPTS/containerd.sh" stop
   CONTAINERD_STARTED=0
@@ -121,16 +146,18 @@ run_k8s() {
 suite="${1:-all}"
 [[ $# -eq 0 ]] || shift
 case "$suite" in
+  lint) run_lint ;;
   unit) run_unit "$@" ;;
   containerd) run_containerd "$@" ;;
   k8s) run_k8s ;;
   all)
+    run_lint
     run_unit
     run_containerd
     run_k8s
     ;;
   *)
-    echo "usage: $0 [unit|containerd|k8s|all] [cargo test args...]" >&2
+    echo "usage: $0 [lint|unit|containerd|k8s|all] [cargo test args...]" >&2
     exit 64
     ;;
 esac
