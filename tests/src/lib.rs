@@ -21,10 +21,12 @@
 
 pub mod containerd;
 pub mod image;
+pub mod spec;
 pub mod wait;
 
 pub use containerd::{ContainerdEnv, RUNC_SHIM, RuncOptions, TestRuntime};
 pub use image::{ResolvedImage, chain_id, read_content, resolve_image};
+pub use spec::minimal_oci_spec;
 pub use wait::wait_until;
 
 /// A fresh container id: 32 lowercase hex characters. Fixed width matters: runsc

@@ -13,5 +13,6 @@
 
 pub mod containerd;
 pub mod error;
+pub mod runtime;
 
 pub use error::AgentError;

@@ -1,0 +1,566 @@
+//! The container lifecycle on containerd: create + start, observe, stop + remove.
+//!
+//! Every create either ends with a running task or removes what it made (snapshot,
+//! container, lease, log files) before returning the error. Delete is SIGTERM, grace,
+//! SIGKILL, then task, container, snapshot and logs; it is idempotent. State lives in
+//! containerd (labels, tasks), so [`ContainerdRuntime::list`] rebuilds everything an
+//! agent needs after a restart. The shim, not the agent, writes stdout/stderr to the
+//! sandbox's log files, so logs keep flowing while the agent is down.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use containerd_client::{
+    events::TaskExit,
+    services::v1::{
+        Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+        DeleteTaskRequest, GetRequest as GetTaskRequest, KillRequest, ListContainersRequest,
+        PublishRequest, StartRequest, SubscribeRequest, WaitRequest,
+        containers_client::ContainersClient,
+        events_client::EventsClient,
+        snapshots::{
+            PrepareSnapshotRequest, RemoveSnapshotRequest, snapshots_client::SnapshotsClient,
+        },
+        tasks_client::TasksClient,
+    },
+    types::{Mount, v1::Status as TaskStatus},
+};
+use fsb_core::{SandboxId, labels::LABEL_ID, labels::LABEL_MANAGED, spec::Runtime};
+use futures::{Stream, StreamExt};
+use prost::Message;
+
+use crate::{
+    containerd::{Containerd, SNAPSHOTTER},
+    error::AgentError,
+};
+
+/// Type URL containerd gives the OCI runtime spec in `Container.spec`.
+const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// How long a create may hold its lease if the agent dies mid-create.
+const CREATE_LEASE_LIFETIME: Duration = Duration::from_secs(600);
+const SIGTERM: u32 = 15;
+const EXIT_TOPIC: &str = "/tasks/exit";
+/// Our own event, published to learn that a subscription is live.
+const MARKER_TOPIC: &str = "/fast-sandbox/subscribed";
+const MARKER_TYPE_URL: &str = "types.fast-sandbox.io/SubscriptionMarker";
+const SIGKILL: u32 = 9;
+/// After SIGKILL, how long to wait for the exit before giving up with an error.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Everything needed to create one container; the OCI spec is already built.
+#[derive(Clone, Debug)]
+pub struct ContainerPlan {
+    /// The sandbox, also the container id and the snapshot key.
+    pub id: SandboxId,
+    /// Image the rootfs comes from (recorded on the container).
+    pub image: String,
+    /// Chain id of the image's top layer: the snapshot parent.
+    pub parent_snapshot: String,
+    /// Labels besides `managed` and `id`, which are always set.
+    pub labels: HashMap<String, String>,
+    /// OCI runtime.
+    pub runtime: Runtime,
+    /// The OCI runtime spec, JSON.
+    pub spec_json: Vec<u8>,
+}
+
+/// Time spent in each step of a create.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateTimings {
+    /// Snapshot prepare.
+    pub snapshot: Duration,
+    /// Container record.
+    pub container: Duration,
+    /// Task create (shim start and `runc create`).
+    pub task: Duration,
+    /// Task start.
+    pub start: Duration,
+}
+
+/// A started sandbox.
+#[derive(Clone, Debug)]
+pub struct Started {
+    /// Host pid of its init process.
+    pub pid: u32,
+    /// Where the time went.
+    pub timings: CreateTimings,
+}
+
+/// A sandbox's task as containerd reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    /// Created, not started.
+    Created,
+    /// Running.
+    Running,
+    /// Exited with this status.
+    Stopped {
+        /// Exit status.
+        exit_code: u32,
+    },
+    /// No task (container without a task, e.g. a create interrupted midway).
+    Missing,
+    /// Paused, pausing or unknown.
+    Other,
+}
+
+/// One of our containers as found in containerd.
+#[derive(Clone, Debug)]
+pub struct ObservedSandbox {
+    /// Its id.
+    pub id: SandboxId,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// Its image.
+    pub image: String,
+    /// Its task.
+    pub state: TaskState,
+    /// Host pid of its init process (0 if none).
+    pub pid: u32,
+}
+
+/// A task exit seen on containerd's event stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// The sandbox whose init process exited.
+    pub id: SandboxId,
+    /// Exit status.
+    pub exit_code: u32,
+}
+
+/// The sandbox's log files, written by the shim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogPaths {
+    /// Directory holding both.
+    pub dir: PathBuf,
+    /// stdout.
+    pub stdout: PathBuf,
+    /// stderr.
+    pub stderr: PathBuf,
+}
+
+/// Drives containerd for the agent.
+#[derive(Clone, Debug)]
+pub struct ContainerdRuntime {
+    cd: Containerd,
+    log_dir: PathBuf,
+}
+
+impl ContainerdRuntime {
+    /// A runtime writing sandbox logs under `log_dir/<sandbox id>/`.
+    pub fn new(cd: Containerd, log_dir: PathBuf) -> Self {
+        Self { cd, log_dir }
+    }
+
+    /// The connection.
+    pub fn containerd(&self) -> &Containerd {
+        &self.cd
+    }
+
+    /// Log file paths of a sandbox. Ids are validated 32-hex `SandboxId`s, so the path
+    /// cannot leave `log_dir`.
+    pub fn log_paths(&self, id: &SandboxId) -> LogPaths {
+        let dir = self.log_dir.join(id.as_str());
+        LogPaths {
+            stdout: dir.join("stdout.log"),
+            stderr: dir.join("stderr.log"),
+            dir,
+        }
+    }
+
+    /// Create and start a sandbox. On any failure everything created so far is removed
+    /// before the error is returned.
+    pub async fn create(&self, plan: &ContainerPlan) -> Result<Started, AgentError> {
+        match self.try_create(plan).await {
+            Ok(started) => Ok(started),
+            Err(err) => {
+                if let Err(cleanup) = self.remove(&plan.id, Duration::ZERO).await {
+                    tracing::warn!(sandbox = %plan.id, error = %cleanup, "cleanup after failed create failed");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn try_create(&self, plan: &ContainerPlan) -> Result<Started, AgentError> {
+        let id = plan.id.as_str();
+        let mut timings = CreateTimings::default();
+        let logs = self.log_paths(&plan.id);
+        create_log_files(&logs).await?;
+
+        // The lease keeps the garbage collector off the snapshot until the container
+        // references it.
+        self.cd.create_lease(id, CREATE_LEASE_LIFETIME).await?;
+        let t = Instant::now();
+        let prepare = PrepareSnapshotRequest {
+            snapshotter: SNAPSHOTTER.to_owned(),
+            key: id.to_owned(),
+            parent: plan.parent_snapshot.clone(),
+            labels: HashMap::new(),
+        };
+        let rootfs: Vec<Mount> = self
+            .cd
+            .call(
+                "prepare snapshot",
+                SnapshotsClient::new(self.cd.channel())
+                    .prepare(self.cd.leased_request(prepare, id)?),
+            )
+            .await?
+            .mounts;
+        timings.snapshot = t.elapsed();
+
+        let t = Instant::now();
+        let mut labels = plan.labels.clone();
+        labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+        labels.insert(LABEL_ID.to_owned(), id.to_owned());
+        let container = Container {
+            id: id.to_owned(),
+            labels,
+            image: plan.image.clone(),
+            runtime: Some(self.cd.runtime_spec(plan.runtime)),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE_URL.to_owned(),
+                value: plan.spec_json.clone(),
+            }),
+            snapshotter: SNAPSHOTTER.to_owned(),
+            snapshot_key: id.to_owned(),
+            ..Default::default()
+        };
+        let req = self.cd.leased_request(
+            CreateContainerRequest {
+                container: Some(container),
+            },
+            id,
+        )?;
+        self.cd
+            .call(
+                "create container",
+                ContainersClient::new(self.cd.channel()).create(req),
+            )
+            .await?;
+        // The container now references the snapshot; the lease is no longer needed.
+        self.cd.delete_lease(id).await?;
+        timings.container = t.elapsed();
+
+        let t = Instant::now();
+        let task = CreateTaskRequest {
+            container_id: id.to_owned(),
+            rootfs,
+            stdout: logs.stdout.display().to_string(),
+            stderr: logs.stderr.display().to_string(),
+            ..Default::default()
+        };
+        let created = self
+            .cd
+            .call(
+                "create task",
+                TasksClient::new(self.cd.channel()).create(self.cd.request(task)),
+            )
+            .await?;
+        timings.task = t.elapsed();
+
+        let t = Instant::now();
+        let start = StartRequest {
+            container_id: id.to_owned(),
+            exec_id: String::new(),
+        };
+        self.cd
+            .call(
+                "start task",
+                TasksClient::new(self.cd.channel()).start(self.cd.request(start)),
+            )
+            .await?;
+        timings.start = t.elapsed();
+        Ok(Started {
+            pid: created.pid,
+            timings,
+        })
+    }
+
+    /// Stop and remove a sandbox: SIGTERM, up to `grace` for it to exit, SIGKILL, then
+    /// task, container, snapshot, lease and log files. Returns whether anything
+    /// existed; removing a missing sandbox is not an error.
+    pub async fn remove(&self, id: &SandboxId, grace: Duration) -> Result<bool, AgentError> {
+        let mut existed = self.stop(id, grace).await?;
+        let sid = id.as_str().to_owned();
+        let tasks = TasksClient::new(self.cd.channel());
+        let deleted = self
+            .cd
+            .call(
+                "delete task",
+                tasks.clone().delete(self.cd.request(DeleteTaskRequest {
+                    container_id: sid.clone(),
+                })),
+            )
+            .await;
+        existed |= ok_if_missing(deleted)?;
+        let deleted = self
+            .cd
+            .call(
+                "delete container",
+                ContainersClient::new(self.cd.channel())
+                    .delete(self.cd.request(DeleteContainerRequest { id: sid.clone() })),
+            )
+            .await;
+        existed |= ok_if_missing(deleted)?;
+        let removed = self
+            .cd
+            .call(
+                "remove snapshot",
+                SnapshotsClient::new(self.cd.channel()).remove(self.cd.request(
+                    RemoveSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.to_owned(),
+                        key: sid.clone(),
+                    },
+                )),
+            )
+            .await;
+        existed |= ok_if_missing(removed)?;
+        self.cd.delete_lease(&sid).await?;
+        let logs = self.log_paths(id);
+        match tokio::fs::remove_dir_all(&logs.dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(AgentError::Internal(format!(
+                    "removing {}: {e}",
+                    logs.dir.display()
+                )));
+            }
+        }
+        Ok(existed)
+    }
+
+    /// SIGTERM, wait up to `grace`, SIGKILL, wait. Returns whether a task existed.
+    async fn stop(&self, id: &SandboxId, grace: Duration) -> Result<bool, AgentError> {
+        match self.task_state(id).await? {
+            TaskState::Missing => return Ok(false),
+            TaskState::Stopped { .. } => return Ok(true),
+            TaskState::Created | TaskState::Running | TaskState::Other => {}
+        }
+        // Wait answers at once for a task that already exited, so starting it before
+        // the signal cannot miss the exit.
+        let req = self.cd.request_with_timeout(
+            WaitRequest {
+                container_id: id.as_str().to_owned(),
+                exec_id: String::new(),
+            },
+            grace + KILL_WAIT,
+        );
+        let mut tasks = TasksClient::new(self.cd.channel());
+        let mut wait = tokio::spawn(async move { tasks.wait(req).await });
+        if !grace.is_zero() {
+            self.kill(id, SIGTERM, false).await?;
+            if tokio::time::timeout(grace, &mut wait).await.is_ok() {
+                return Ok(true);
+            }
+        }
+        self.kill(id, SIGKILL, true).await?;
+        match tokio::time::timeout(KILL_WAIT, &mut wait).await {
+            Ok(_) => Ok(true),
+            Err(_) => {
+                wait.abort();
+                Err(AgentError::Timeout {
+                    op: "wait after SIGKILL",
+                    secs: KILL_WAIT.as_secs(),
+                })
+            }
+        }
+    }
+
+    async fn kill(&self, id: &SandboxId, signal: u32, all: bool) -> Result<(), AgentError> {
+        let req = KillRequest {
+            container_id: id.as_str().to_owned(),
+            exec_id: String::new(),
+            signal,
+            all,
+        };
+        let result = self
+            .cd
+            .call(
+                "kill task",
+                TasksClient::new(self.cd.channel()).kill(self.cd.request(req)),
+            )
+            .await;
+        match result {
+            Ok(()) => Ok(()),
+            // Already gone or already stopped: nothing to signal.
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(AgentError::Containerd {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The task's state.
+    pub async fn task_state(&self, id: &SandboxId) -> Result<TaskState, AgentError> {
+        let req = GetTaskRequest {
+            container_id: id.as_str().to_owned(),
+            exec_id: String::new(),
+        };
+        match self
+            .cd
+            .call(
+                "get task",
+                TasksClient::new(self.cd.channel()).get(self.cd.request(req)),
+            )
+            .await
+        {
+            Ok(resp) => Ok(resp
+                .process
+                .map_or(TaskState::Missing, |p| task_state(p.status, p.exit_status))),
+            Err(e) if e.is_not_found() => Ok(TaskState::Missing),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every container of ours (label `fast-sandbox.io/managed=true`) with its task.
+    pub async fn list(&self) -> Result<Vec<ObservedSandbox>, AgentError> {
+        let req = ListContainersRequest {
+            filters: vec![format!("labels.\"{LABEL_MANAGED}\"==true")],
+        };
+        let containers = self
+            .cd
+            .call(
+                "list containers",
+                ContainersClient::new(self.cd.channel()).list(self.cd.request(req)),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(containers.containers.len());
+        for c in containers.containers {
+            // Someone else's container with our label but a foreign id: not ours to manage.
+            let Ok(id) = SandboxId::parse("container id", &c.id) else {
+                tracing::warn!(container = %c.id, "managed label on a container with a foreign id; ignored");
+                continue;
+            };
+            let req = GetTaskRequest {
+                container_id: c.id.clone(),
+                exec_id: String::new(),
+            };
+            let (state, pid) = match self
+                .cd
+                .call(
+                    "get task",
+                    TasksClient::new(self.cd.channel()).get(self.cd.request(req)),
+                )
+                .await
+            {
+                Ok(resp) => resp.process.map_or((TaskState::Missing, 0), |p| {
+                    (task_state(p.status, p.exit_status), p.pid)
+                }),
+                Err(e) if e.is_not_found() => (TaskState::Missing, 0),
+                Err(e) => return Err(e),
+            };
+            out.push(ObservedSandbox {
+                id,
+                labels: c.labels,
+                image: c.image,
+                state,
+                pid,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Task exits of our init processes, from containerd's event stream. The stream
+    /// ends when containerd goes away; callers resubscribe and resync with [`Self::list`].
+    ///
+    /// Returns once the subscription is registered, so no exit after this call is
+    /// missed: containerd sends no response headers before the first event, so we
+    /// publish a marker event of our own until it comes back on the stream.
+    pub async fn exits(&self) -> Result<impl Stream<Item = Exit> + Send + 'static, AgentError> {
+        let namespace = self.cd.config().namespace.clone();
+        let req = SubscribeRequest {
+            filters: vec![
+                format!("topic==\"{EXIT_TOPIC}\",namespace==\"{namespace}\""),
+                format!("topic==\"{MARKER_TOPIC}\",namespace==\"{namespace}\""),
+            ],
+        };
+        // A subscription lives as long as we want it: no deadline on this request.
+        let mut request = tonic::Request::new(req);
+        if let Ok(value) = namespace.parse() {
+            request.metadata_mut().insert("containerd-namespace", value);
+        }
+        let mut client = EventsClient::new(self.cd.channel());
+        let subscribe = client.subscribe(request);
+        tokio::pin!(subscribe);
+        let deadline = Instant::now() + self.cd.config().call_timeout;
+        let stream = loop {
+            tokio::select! {
+                resp = &mut subscribe => {
+                    break resp.map_err(|s| AgentError::containerd("subscribe events", s))?.into_inner();
+                }
+                () = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if Instant::now() > deadline {
+                        return Err(AgentError::Timeout { op: "subscribe events", secs: self.cd.config().call_timeout.as_secs() });
+                    }
+                    let marker = PublishRequest {
+                        topic: MARKER_TOPIC.to_owned(),
+                        event: Some(prost_types::Any { type_url: MARKER_TYPE_URL.to_owned(), value: Vec::new() }),
+                    };
+                    self.cd.call("publish event", EventsClient::new(self.cd.channel()).publish(self.cd.request(marker))).await?;
+                }
+            }
+        };
+        Ok(stream.filter_map(|envelope| async move {
+            let envelope = envelope.ok()?;
+            if envelope.topic != EXIT_TOPIC {
+                return None;
+            }
+            let exit = TaskExit::decode(envelope.event?.value.as_slice()).ok()?;
+            // Exits of exec'd processes carry their exec id; only init exits end a sandbox.
+            if !exit.id.is_empty() && exit.id != exit.container_id {
+                return None;
+            }
+            let id = SandboxId::parse("container id", &exit.container_id).ok()?;
+            Some(Exit {
+                id,
+                exit_code: exit.exit_status,
+            })
+        }))
+    }
+}
+
+fn task_state(status: i32, exit_status: u32) -> TaskState {
+    match TaskStatus::try_from(status) {
+        Ok(TaskStatus::Created) => TaskState::Created,
+        Ok(TaskStatus::Running) => TaskState::Running,
+        Ok(TaskStatus::Stopped) => TaskState::Stopped {
+            exit_code: exit_status,
+        },
+        _ => TaskState::Other,
+    }
+}
+
+/// Map a containerd NotFound to "nothing was there".
+fn ok_if_missing<T>(result: Result<T, AgentError>) -> Result<bool, AgentError> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+async fn create_log_files(logs: &LogPaths) -> Result<(), AgentError> {
+    let io = |p: &Path, e: std::io::Error| {
+        AgentError::Internal(format!("creating {}: {e}", p.display()))
+    };
+    tokio::fs::create_dir_all(&logs.dir)
+        .await
+        .map_err(|e| io(&logs.dir, e))?;
+    for path in [&logs.stdout, &logs.stderr] {
+        tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map_err(|e| io(path, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! fsb-agent's container lifecycle against the real containerd of `tests/run.sh
+//! containerd`, for runc, crun and gVisor: create + start, logs written by the shim,
+//! exit detection from the event stream, SIGTERM before SIGKILL, idempotent removal,
+//! nothing left after a failed create, and state rebuilt from containerd alone.
+
+#![allow(clippy::unwrap_used)] // helpers below are test code too
+
+use std::time::Duration;
+
+use containerd_client::services::v1::snapshots::{
+    StatSnapshotRequest, snapshots_client::SnapshotsClient,
+};
+use fsb_agent::{
+    containerd::{Containerd, ContainerdConfig, DEFAULT_CALL_TIMEOUT},
+    runtime::{ContainerPlan, ContainerdRuntime, Exit, TaskState},
+};
+use fsb_core::{SandboxId, spec::Runtime};
+use fsb_tests::{ContainerdEnv, minimal_oci_spec, resolve_image, wait_until};
+use futures::StreamExt;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn runtime(env: &ContainerdEnv) -> ContainerdRuntime {
+    let cd = Containerd::connect(ContainerdConfig {
+        socket: env.socket.clone(),
+        namespace: env.namespace.clone(),
+        call_timeout: DEFAULT_CALL_TIMEOUT,
+        runtime_root: env.runtime_root.clone(),
+        runsc_binary: env.runsc.clone(),
+    })
+    .await
+    .unwrap();
+    ContainerdRuntime::new(cd, env.run_dir.join("agent-logs"))
+}
+
+async fn plan(
+    env: &ContainerdEnv,
+    rt: &ContainerdRuntime,
+    runtime: Runtime,
+    script: &str,
+) -> ContainerPlan {
+    let channel = rt.containerd().channel();
+    let image = resolve_image(env, &channel, &env.image).await.unwrap();
+    let id = SandboxId::generate();
+    let spec = minimal_oci_spec(
+        id.as_str(),
+        &["sh", "-c", script],
+        &image.env(),
+        "/",
+        &env.namespace,
+    );
+    ContainerPlan {
+        id,
+        image: image.name.clone(),
+        parent_snapshot: image.chain_id.clone(),
+        labels: [("fast-sandbox.io/namespace".to_owned(), "default".to_owned())].into(),
+        runtime,
+        spec_json: serde_json::to_vec(&spec).unwrap(),
+    }
+}
+
+async fn snapshot_exists(rt: &ContainerdRuntime, key: &str) -> bool {
+    let req = rt.containerd().request(StatSnapshotRequest {
+        snapshotter: "overlayfs".into(),
+        key: key.into(),
+    });
+    match SnapshotsClient::new(rt.containerd().channel())
+        .stat(req)
+        .await
+    {
+        Ok(_) => true,
+        Err(s) if s.code() == tonic::Code::NotFound => false,
+        Err(s) => panic!("stat snapshot {key}: {s}"),
+    }
+}
+
+async fn read(path: &std::path::Path) -> String {
+    tokio::fs::read_to_string(path).await.unwrap_or_default()
+}
+
+#[tokio::test]
+async fn lifecycle_on_every_runtime() {
+    let env = ContainerdEnv::from_env();
+    let rt = runtime(&env).await;
+    for runtime in [Runtime::Runc, Runtime::Crun, Runtime::Gvisor] {
+        let mut exits = Box::pin(rt.exits().await.unwrap());
+        let script = "echo out; echo err >&2; trap 'echo got-term; exit 7' TERM; while :; do sleep 0.05; done";
+        let plan = plan(&env, &rt, runtime, script).await;
+        let id = plan.id.clone();
+        let started = rt
+            .create(&plan)
+            .await
+            .unwrap_or_else(|e| panic!("{runtime:?}: {e}"));
+        assert!(started.pid > 0);
+        assert_eq!(
+            rt.task_state(&id).await.unwrap(),
+            TaskState::Running,
+            "{runtime:?}"
+        );
+
+        // The shim writes the logs: both streams arrive in their own files.
+        let logs = rt.log_paths(&id);
+        wait_until("stdout and stderr in the log files", DEADLINE, || async {
+            Ok((read(&logs.stdout).await.contains("out")
+                && read(&logs.stderr).await.contains("err"))
+            .then_some(()))
+        })
+        .await
+        .unwrap();
+        let listed = rt.list().await.unwrap();
+        assert!(
+            listed
+                .iter()
+                .any(|s| s.id == id && s.state == TaskState::Running && s.pid == started.pid)
+        );
+
+        // SIGTERM first: the trap's exit code 7 (not 137 from SIGKILL) is what exits.
+        assert!(rt.remove(&id, Duration::from_secs(5)).await.unwrap());
+        let exit = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match exits.next().await {
+                    Some(e) if e.id == id => return e,
+                    Some(_) => continue,
+                    None => panic!("event stream ended"),
+                }
+            }
+        })
+        .await
+        .expect("exit event");
+        assert_eq!(
+            exit,
+            Exit {
+                id: id.clone(),
+                exit_code: 7
+            },
+            "{runtime:?}: SIGTERM must come before SIGKILL"
+        );
+
+        // Gone means gone, and removing again is a no-op.
+        assert!(!rt.list().await.unwrap().iter().any(|s| s.id == id));
+        assert!(!snapshot_exists(&rt, id.as_str()).await);
+        assert!(!logs.dir.exists(), "log files are removed with the sandbox");
+        assert!(!rt.remove(&id, Duration::from_secs(1)).await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn exits_are_detected_with_their_code() {
+    let env = ContainerdEnv::from_env();
+    let rt = runtime(&env).await;
+    let mut exits = Box::pin(rt.exits().await.unwrap());
+    let plan = plan(&env, &rt, Runtime::Runc, "echo bye; exit 3").await;
+    let id = plan.id.clone();
+    rt.create(&plan).await.unwrap();
+    let exit = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let e = exits.next().await.expect("event stream open");
+            if e.id == id {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("exit event");
+    assert_eq!(exit.exit_code, 3);
+    assert_eq!(
+        rt.task_state(&id).await.unwrap(),
+        TaskState::Stopped { exit_code: 3 }
+    );
+    assert!(rt.remove(&id, Duration::from_secs(1)).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_failed_create_leaves_nothing() {
+    let env = ContainerdEnv::from_env();
+    let rt = runtime(&env).await;
+    let mut plan = plan(&env, &rt, Runtime::Runc, "true").await;
+    let spec = minimal_oci_spec(
+        plan.id.as_str(),
+        &["/no/such/binary"],
+        &[],
+        "/",
+        &env.namespace,
+    );
+    plan.spec_json = serde_json::to_vec(&spec).unwrap();
+    let err = rt
+        .create(&plan)
+        .await
+        .expect_err("a missing executable cannot start");
+    assert!(err.to_string().contains("containerd"), "{err}");
+    assert!(!rt.list().await.unwrap().iter().any(|s| s.id == plan.id));
+    assert!(!snapshot_exists(&rt, plan.id.as_str()).await);
+    assert!(!rt.log_paths(&plan.id).dir.exists());
+
+    let mut bad_parent = self::plan(&env, &rt, Runtime::Runc, "true").await;
+    bad_parent.parent_snapshot = format!("sha256:{}", "0".repeat(64));
+    assert!(rt.create(&bad_parent).await.is_err());
+    assert!(
+        !rt.list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.id == bad_parent.id)
+    );
+    assert!(!snapshot_exists(&rt, bad_parent.id.as_str()).await);
+}
+
+#[tokio::test]
+async fn a_new_runtime_finds_the_running_sandboxes() {
+    let env = ContainerdEnv::from_env();
+    let first = runtime(&env).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let plan = plan(&env, &first, Runtime::Runc, "while :; do sleep 1; done").await;
+        first.create(&plan).await.unwrap();
+        ids.push(plan.id);
+    }
+    drop(first);
+    // A fresh connection knows nothing but what containerd holds (labels, tasks).
+    let second = runtime(&env).await;
+    let found = second.list().await.unwrap();
+    for id in &ids {
+        let s = found
+            .iter()
+            .find(|s| &s.id == id)
+            .expect("listed after restart");
+        assert_eq!(s.state, TaskState::Running);
+        assert_eq!(
+            s.labels
+                .get("fast-sandbox.io/namespace")
+                .map(String::as_str),
+            Some("default")
+        );
+        assert_eq!(
+            s.labels.get("fast-sandbox.io/managed").map(String::as_str),
+            Some("true")
+        );
+    }
+    for id in &ids {
+        assert!(second.remove(id, Duration::ZERO).await.unwrap());
+    }
+}
