@@ -6,6 +6,16 @@
 //! - [`containerd`]: one connection, namespaced requests with deadlines, leases,
 //!   runc-shim options (runc, crun and gVisor all run through the runc shim).
 //! - [`error`]: [`AgentError`], mapped to gRPC codes in one place.
+//! - [`runtime`]: the container lifecycle on containerd (create + start with cleanup
+//!   on failure, SIGTERM/grace/SIGKILL removal, exit events, listing for recovery).
+//! - [`oci`]: the OCI runtime spec we write for a sandbox (Kubernetes command/args
+//!   semantics, env merge, image user resolution, namespaces incl. the shared agent
+//!   netns, resources, containerd's hardening defaults); pure, unit-tested.
+//! - [`seccomp`]: the default seccomp profile (containerd/Docker allow-list, one table,
+//!   capability-gated entries) as the `linux.seccomp` JSON object.
+//! - [`inject`]: files injected into sandboxes (seed-review item 5): allow-listed
+//!   directories, symlinks resolved and re-checked, regular files only, mounted
+//!   read-only `nosuid,nodev`.
 //!
 //! Invariants: every containerd call has a deadline; every container we create
 //! carries the well-known labels (`fast-sandbox.io/managed`, `…/id`, ...), so state
@@ -13,6 +23,11 @@
 
 pub mod containerd;
 pub mod error;
+pub mod inject;
+pub mod oci;
 pub mod runtime;
+pub mod seccomp;
 
 pub use error::AgentError;
+pub use inject::{InjectedMount, InjectionPolicy};
+pub use oci::{ImageConfig, NetworkMode, SpecInput, build_spec};
