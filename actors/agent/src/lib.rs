@@ -6,6 +6,7 @@
 //! - [`containerd`]: one connection, namespaced requests with deadlines, leases,
 //!   runc-shim options (runc, crun and gVisor all run through the runc shim).
 //! - [`error`]: [`AgentError`], mapped to gRPC codes in one place.
+//! - [`image`]: [`image::ImageStore`]: load OCI archives, pull from registries, unpack, resolve.
 //!
 //! Invariants: every containerd call has a deadline; every container we create
 //! carries the well-known labels (`fast-sandbox.io/managed`, `…/id`, ...), so state
@@ -13,5 +14,6 @@
 
 pub mod containerd;
 pub mod error;
+pub mod image;
 
 pub use error::AgentError;
