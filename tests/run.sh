@@ -3,8 +3,8 @@
 #
 #   lint        cargo fmt --check and cargo clippy -D warnings on every target
 #   unit        cargo test for every crate except fsb-tests (no containerd needed)
-#   containerd  a private containerd + the offline busybox OCI image, then
-#               `cargo test -p fsb-tests` against them (needs root)
+#   containerd  a private containerd + the offline busybox OCI image + two local
+#               registries holding it, then `cargo test -p fsb-tests` (needs root)
 #   k8s         kube-apiserver + etcd scenarios (not built yet)
 #
 # Whatever it starts, it stops on exit (trap): containers and tasks, containerd, the
@@ -36,6 +36,9 @@ PACKAGES=(
   libprotobuf-dev:
   skopeo:skopeo
   docker-registry:docker-registry
+  apache2-utils:htpasswd
+  openssl:openssl
+  curl:curl
 )
 
 say() { echo "==> $*" >&2; }
@@ -73,10 +76,18 @@ ensure_packages() {
 
 # --- cleanup ----------------------------------------------------------------------
 CONTAINERD_STARTED=0
+REGISTRY_STARTED=0
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   summarize
+  if [[ $REGISTRY_STARTED -eq 1 ]]; then
+    say "stopping the test registries"
+    if ! "$SCRIPTS/registry.sh" stop; then
+      echo "run.sh: WARNING: a test registry survived (see above)" >&2
+      [[ $rc -ne 0 ]] || rc=1
+    fi
+  fi
   if [[ $CONTAINERD_STARTED -eq 1 ]]; then
     say "stopping the private containerd"
     if ! "$SCRIPTS/containerd.sh" stop; then
@@ -130,9 +141,16 @@ run_containerd() {
   fi
   export FSB_TEST_IMAGE="$ref" FSB_TEST_IMAGE_ARCHIVE="$archive"
 
+  # Two local registries (plain HTTP; HTTPS + basic auth) holding the test image.
+  REGISTRY_STARTED=1
+  "$SCRIPTS/registry.sh" start "$archive"
+  eval "$("$SCRIPTS/registry.sh" env)"
+
   say "containerd: cargo test -p fsb-tests (image $ref, socket $FSB_CONTAINERD_SOCKET)"
   cargo_test -p fsb-tests "$@"
 
+  "$SCRIPTS/registry.sh" stop
+  REGISTRY_STARTED=0
   "$SCRIPTS/containerd.sh" stop
   CONTAINERD_STARTED=0
 }

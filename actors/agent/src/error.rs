@@ -38,6 +38,20 @@ pub enum AgentError {
         /// containerd's message.
         message: String,
     },
+    /// An image registry could not be reached (connection refused, DNS, TLS).
+    #[error("registry {registry} unavailable: {message}")]
+    RegistryUnavailable {
+        /// The registry host (and port).
+        registry: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Credentials were missing or rejected (by a registry).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The object is in a state that forbids the operation (e.g. an image in use).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Anything else that should not happen (I/O on our own files, bad data).
     #[error("{0}")]
     Internal(String),
@@ -100,6 +114,9 @@ impl HasErrorCode for AgentError {
                 tonic::Code::Unavailable => ErrorCode::Unavailable,
                 _ => ErrorCode::Internal,
             },
+            Self::RegistryUnavailable { .. } => ErrorCode::Unavailable,
+            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Self::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -16,6 +16,7 @@
 //! - [`inject`]: files injected into sandboxes (seed-review item 5): allow-listed
 //!   directories, symlinks resolved and re-checked, regular files only, mounted
 //!   read-only `nosuid,nodev`.
+//! - [`image`]: [`image::ImageStore`]: load OCI archives, pull from registries, unpack, resolve.
 //!
 //! Invariants: every containerd call has a deadline; every container we create
 //! carries the well-known labels (`fast-sandbox.io/managed`, `…/id`, ...), so state
@@ -23,6 +24,7 @@
 
 pub mod containerd;
 pub mod error;
+pub mod image;
 pub mod inject;
 pub mod oci;
 pub mod runtime;
