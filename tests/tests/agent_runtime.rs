@@ -107,7 +107,7 @@ async fn lifecycle_on_every_runtime() {
         })
         .await
         .unwrap();
-        let listed = rt.list().await.unwrap();
+        let listed = rt.list(None).await.unwrap();
         assert!(
             listed
                 .iter()
@@ -137,7 +137,7 @@ async fn lifecycle_on_every_runtime() {
         );
 
         // Gone means gone, and removing again is a no-op.
-        assert!(!rt.list().await.unwrap().iter().any(|s| s.id == id));
+        assert!(!rt.list(None).await.unwrap().iter().any(|s| s.id == id));
         assert!(!snapshot_exists(&rt, id.as_str()).await);
         assert!(!logs.dir.exists(), "log files are removed with the sandbox");
         assert!(!rt.remove(&id, Duration::from_secs(1)).await.unwrap());
@@ -188,7 +188,7 @@ async fn a_failed_create_leaves_nothing() {
         .await
         .expect_err("a missing executable cannot start");
     assert!(err.to_string().contains("containerd"), "{err}");
-    assert!(!rt.list().await.unwrap().iter().any(|s| s.id == plan.id));
+    assert!(!rt.list(None).await.unwrap().iter().any(|s| s.id == plan.id));
     assert!(!snapshot_exists(&rt, plan.id.as_str()).await);
     assert!(!rt.log_paths(&plan.id).dir.exists());
 
@@ -196,7 +196,7 @@ async fn a_failed_create_leaves_nothing() {
     bad_parent.parent_snapshot = format!("sha256:{}", "0".repeat(64));
     assert!(rt.create(&bad_parent).await.is_err());
     assert!(
-        !rt.list()
+        !rt.list(None)
             .await
             .unwrap()
             .iter()
@@ -218,7 +218,7 @@ async fn a_new_runtime_finds_the_running_sandboxes() {
     drop(first);
     // A fresh connection knows nothing but what containerd holds (labels, tasks).
     let second = runtime(&env).await;
-    let found = second.list().await.unwrap();
+    let found = second.list(None).await.unwrap();
     for id in &ids {
         let s = found
             .iter()

@@ -6,6 +6,9 @@
 //! - [`containerd`]: one connection, namespaced requests with deadlines, leases,
 //!   runc-shim options (runc, crun and gVisor all run through the runc shim).
 //! - [`error`]: [`AgentError`], mapped to gRPC codes in one place.
+//! - `AgentActor` ([`AgentHandle`]): admission and the sandbox table ([`state`]), one
+//!   `SandboxActor` per sandbox (operations on a sandbox run in mailbox order), phase
+//!   changes broadcast upward; rebuilt from containerd at start and on reconnect.
 //! - [`runtime`]: the container lifecycle on containerd (create + start with cleanup
 //!   on failure, SIGTERM/grace/SIGKILL removal, exit events, listing for recovery).
 //! - [`oci`]: the OCI runtime spec we write for a sandbox (Kubernetes command/args
@@ -22,14 +25,23 @@
 //! carries the well-known labels (`fast-sandbox.io/managed`, `…/id`, ...), so state
 //! can always be rebuilt from containerd.
 
+mod actor;
 pub mod containerd;
 pub mod error;
+mod handle;
 pub mod image;
 pub mod inject;
+mod msg;
 pub mod oci;
 pub mod runtime;
+mod sandbox;
 pub mod seccomp;
+pub mod state;
 
+pub use actor::LABEL_PORTS;
 pub use error::AgentError;
+pub use handle::{AgentConfig, AgentHandle, DEFAULT_STOP_GRACE};
 pub use inject::{InjectedMount, InjectionPolicy};
+pub use msg::{CreateSandbox, CreatedSandbox};
 pub use oci::{ImageConfig, NetworkMode, SpecInput, build_spec};
+pub use state::{PhaseChange, SandboxPhase, SandboxRecord};

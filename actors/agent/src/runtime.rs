@@ -28,7 +28,11 @@ use containerd_client::{
     },
     types::{Mount, v1::Status as TaskStatus},
 };
-use fsb_core::{SandboxId, labels::LABEL_ID, labels::LABEL_MANAGED, spec::Runtime};
+use fsb_core::{
+    SandboxId,
+    labels::{LABEL_AGENT_UID, LABEL_ID, LABEL_MANAGED},
+    spec::Runtime,
+};
 use futures::{Stream, StreamExt};
 use prost::Message;
 
@@ -419,10 +423,16 @@ impl ContainerdRuntime {
         }
     }
 
-    /// Every container of ours (label `fast-sandbox.io/managed=true`) with its task.
-    pub async fn list(&self) -> Result<Vec<ObservedSandbox>, AgentError> {
+    /// Every container of ours (label `fast-sandbox.io/managed=true`) with its task;
+    /// with `agent`, only those that agent created (several agents may share one
+    /// containerd, e.g. pods of different pools on one node).
+    pub async fn list(&self, agent: Option<&str>) -> Result<Vec<ObservedSandbox>, AgentError> {
+        let mut filter = format!("labels.\"{LABEL_MANAGED}\"==true");
+        if let Some(agent) = agent {
+            filter.push_str(&format!(",labels.\"{LABEL_AGENT_UID}\"=={agent:?}"));
+        }
         let req = ListContainersRequest {
-            filters: vec![format!("labels.\"{LABEL_MANAGED}\"==true")],
+            filters: vec![filter],
         };
         let containers = self
             .cd

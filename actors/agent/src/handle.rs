@@ -1,0 +1,117 @@
+//! Starting the agent and talking to it.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use actix::{Actor, Addr};
+use fsb_core::{AgentId, SandboxId, spec::Runtime};
+use tokio::sync::broadcast;
+
+use crate::{
+    actor::{AgentActor, AgentParts, spawn_exit_watch},
+    containerd::{Containerd, ContainerdConfig},
+    error::AgentError,
+    image::{ImageStore, RegistryOptions},
+    msg::{Create, CreateSandbox, CreatedSandbox, Delete, Inventory, Subscribe},
+    oci::NetworkMode,
+    runtime::ContainerdRuntime,
+    state::{PhaseChange, SandboxRecord},
+};
+
+/// Default time between SIGTERM and SIGKILL.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything the agent needs to run.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This agent's id (its pod UID in Kubernetes, `local` in `fsb up`).
+    pub agent_id: AgentId,
+    /// containerd connection.
+    pub containerd: ContainerdConfig,
+    /// Directory of the sandboxes' log files.
+    pub log_dir: PathBuf,
+    /// Sandboxes held at once.
+    pub capacity: u32,
+    /// Network namespace sandboxes join (the agent's own, by default).
+    pub network: NetworkMode,
+    /// Runtime when the spec names none.
+    pub default_runtime: Runtime,
+    /// Time between SIGTERM and SIGKILL when the delete names none.
+    pub stop_grace: Duration,
+    /// How images are pulled.
+    pub registry: RegistryOptions,
+}
+
+/// Cloneable handle to a running agent.
+#[derive(Clone, Debug)]
+pub struct AgentHandle {
+    addr: Addr<AgentActor>,
+    images: Arc<ImageStore>,
+    runtime: ContainerdRuntime,
+}
+
+impl AgentHandle {
+    /// Connect to containerd, rebuild the sandbox table from it, start the actor and
+    /// the exit watch. Must run inside an actix system. Creates are accepted only
+    /// once the table reflects containerd.
+    pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
+        let cd = Containerd::connect(config.containerd.clone()).await?;
+        let runtime = ContainerdRuntime::new(cd.clone(), config.log_dir.clone());
+        let images = Arc::new(ImageStore::new(cd, &config.registry)?);
+        let observed = runtime.list(Some(config.agent_id.as_str())).await?;
+        let agent_id = config.agent_id.clone();
+        let actor = AgentActor::new(AgentParts {
+            agent_id: config.agent_id,
+            capacity: config.capacity,
+            runtime: runtime.clone(),
+            images: images.clone(),
+            network: config.network,
+            default_runtime: config.default_runtime,
+            stop_grace: config.stop_grace,
+            observed,
+        });
+        let addr = actor.start();
+        spawn_exit_watch(addr.clone(), runtime.clone(), agent_id);
+        Ok(Self {
+            addr,
+            images,
+            runtime,
+        })
+    }
+
+    /// Create and start a sandbox (idempotent by id: a retry gets the first result).
+    pub async fn create(&self, req: CreateSandbox) -> Result<CreatedSandbox, AgentError> {
+        self.addr.send(Create(req)).await.map_err(stopped)?
+    }
+
+    /// Stop and remove a sandbox; NotFound if the agent does not hold it.
+    pub async fn delete(&self, id: SandboxId, grace: Option<Duration>) -> Result<(), AgentError> {
+        self.addr
+            .send(Delete { id, grace })
+            .await
+            .map_err(stopped)?
+    }
+
+    /// Every sandbox held, by id.
+    pub async fn inventory(&self) -> Result<Vec<SandboxRecord>, AgentError> {
+        self.addr.send(Inventory).await.map_err(stopped)
+    }
+
+    /// Phase changes from now on.
+    pub async fn subscribe(&self) -> Result<broadcast::Receiver<PhaseChange>, AgentError> {
+        self.addr.send(Subscribe).await.map_err(stopped)
+    }
+
+    /// The image store (load, pull, list).
+    pub fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
+    /// The containerd runtime (logs paths, exec).
+    pub fn runtime(&self) -> &ContainerdRuntime {
+        &self.runtime
+    }
+}
+
+fn stopped(_: actix::MailboxError) -> AgentError {
+    AgentError::Unavailable("agent actor stopped".into())
+}

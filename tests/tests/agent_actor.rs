@@ -1,0 +1,283 @@
+//! The agent (AgentActor + SandboxActors) against the real containerd of
+//! `tests/run.sh containerd`: the product create path (image resolve, OCI spec,
+//! containerd), exit codes reported as phases, env and working directory reaching the
+//! process, admission, 200 concurrent sandboxes leaving nothing behind, and a new
+//! agent rebuilding its table from containerd.
+
+#![allow(clippy::unwrap_used)] // helpers below are test code too
+
+use std::{path::PathBuf, time::Duration};
+
+use fsb_agent::{
+    AgentConfig, AgentHandle, CreateSandbox, PhaseChange, SandboxPhase,
+    containerd::{ContainerdConfig, DEFAULT_CALL_TIMEOUT},
+    image::RegistryOptions,
+    oci::NetworkMode,
+};
+use fsb_core::{
+    AgentId, SandboxId,
+    spec::{Runtime, SandboxSpec, SpecLimits, ValidSpec},
+};
+use fsb_tests::{ContainerdEnv, wait_until};
+use tokio::sync::broadcast;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Each test runs its own agent (`agent`), sharing the harness's containerd.
+fn config(env: &ContainerdEnv, capacity: u32, agent: &str) -> AgentConfig {
+    AgentConfig {
+        agent_id: AgentId::from(agent),
+        containerd: ContainerdConfig {
+            socket: env.socket.clone(),
+            namespace: env.namespace.clone(),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            runtime_root: env.runtime_root.clone(),
+            runsc_binary: env.runsc.clone(),
+        },
+        log_dir: env.run_dir.join("agent-logs").join(agent),
+        capacity,
+        network: NetworkMode::Join(PathBuf::from(format!(
+            "/proc/{}/ns/net",
+            std::process::id()
+        ))),
+        default_runtime: Runtime::Runc,
+        stop_grace: Duration::from_secs(5),
+        registry: RegistryOptions::default(),
+    }
+}
+
+fn spec(env: &ContainerdEnv, name: &str, command: &[&str], args: &[&str]) -> ValidSpec {
+    SandboxSpec {
+        namespace: "team-a".into(),
+        name: name.into(),
+        pool_ref: "default".into(),
+        image: env.image.clone(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..SandboxSpec::default()
+    }
+    .validate(&SpecLimits::default())
+    .unwrap()
+}
+
+fn request(spec: ValidSpec) -> CreateSandbox {
+    CreateSandbox {
+        id: SandboxId::generate(),
+        namespace: spec.namespace.to_string(),
+        name: spec
+            .name
+            .as_ref()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
+        claim_uid: String::new(),
+        spec,
+    }
+}
+
+async fn phase_of(
+    changes: &mut broadcast::Receiver<PhaseChange>,
+    id: &SandboxId,
+    want: SandboxPhase,
+) -> PhaseChange {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let change = changes.recv().await.unwrap();
+            if &change.id == id && change.phase == want {
+                return change;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{id} never reached {want:?}"))
+}
+
+#[actix_rt::test]
+async fn env_workdir_and_exit_codes_reach_the_agent_on_every_runtime() {
+    let env = ContainerdEnv::from_env();
+    let agent = AgentHandle::start(config(&env, 10, "agent-logs-a"))
+        .await
+        .unwrap();
+    for runtime in [Runtime::Runc, Runtime::Crun, Runtime::Gvisor] {
+        let mut s = spec(
+            &env,
+            "greeter",
+            &["sh", "-c"],
+            &["echo \"$GREETING from $(pwd)\"; exit 3"],
+        );
+        s.envs = vec![("GREETING".into(), "hello".into())];
+        s.working_dir = Some("/work/not/yet/there".into());
+        s.runtime = Some(runtime);
+        let req = request(s);
+        let id = req.id.clone();
+        let mut changes = agent.subscribe().await.unwrap();
+        let created = agent
+            .create(req)
+            .await
+            .unwrap_or_else(|e| panic!("{runtime:?}: {e}"));
+        assert!(created.pid > 0);
+        assert_eq!(created.stages.len(), 6);
+        let exit = phase_of(&mut changes, &id, SandboxPhase::Failed).await;
+        assert_eq!(exit.exit_code, Some(3), "{runtime:?}");
+        let stdout = agent.runtime().log_paths(&id).stdout;
+        let out = tokio::fs::read_to_string(&stdout).await.unwrap();
+        assert_eq!(
+            out.trim(),
+            "hello from /work/not/yet/there",
+            "{runtime:?}: env and created workdir"
+        );
+
+        agent.delete(id.clone(), None).await.unwrap();
+        assert!(agent.inventory().await.unwrap().iter().all(|r| r.id != id));
+        let again = agent.delete(id.clone(), None).await.unwrap_err();
+        assert!(again.is_not_found(), "{again}");
+    }
+}
+
+#[actix_rt::test]
+async fn command_and_args_follow_kubernetes_semantics() {
+    let env = ContainerdEnv::from_env();
+    let agent = AgentHandle::start(config(&env, 10, "agent-logs-b"))
+        .await
+        .unwrap();
+    // (command, args, expected stdout); the test image has no ENTRYPOINT and CMD ["sh"].
+    let cases: [(&[&str], &[&str], &str); 3] = [
+        (&["echo"], &["from", "args"], "from args"),
+        (&["sh", "-c", "echo only-command"], &[], "only-command"),
+        (&[], &[], ""),
+    ];
+    for (command, args, want) in cases {
+        let req = request(spec(&env, "semantics", command, args));
+        let id = req.id.clone();
+        let mut changes = agent.subscribe().await.unwrap();
+        agent.create(req).await.unwrap();
+        // Both empty keeps the image's CMD (`sh`), which exits 0 at once on empty stdin.
+        let exit = phase_of(&mut changes, &id, SandboxPhase::Succeeded).await;
+        assert_eq!(exit.exit_code, Some(0));
+        let out = tokio::fs::read_to_string(agent.runtime().log_paths(&id).stdout)
+            .await
+            .unwrap();
+        assert_eq!(out.trim(), want, "command {command:?} args {args:?}");
+        agent.delete(id, None).await.unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn admission_and_a_new_agent_rebuilds_from_containerd() {
+    let env = ContainerdEnv::from_env();
+    let first = AgentHandle::start(config(&env, 2, "agent-logs-c"))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for name in ["keep-1", "keep-2"] {
+        let mut s = spec(&env, name, &["sh", "-c", "while :; do sleep 1; done"], &[]);
+        s.ports = vec![fsb_core::HostPort::parse("p", 18_080 + ids.len() as u32).unwrap()];
+        let req = request(s);
+        ids.push(req.id.clone());
+        first.create(req).await.unwrap();
+    }
+    let full = first
+        .create(request(spec(&env, "third", &["true"], &[])))
+        .await
+        .unwrap_err();
+    assert!(full.to_string().contains("full"), "{full}");
+
+    // A second agent on the same containerd knows only what containerd holds.
+    let second = AgentHandle::start(config(&env, 2, "agent-logs-c"))
+        .await
+        .unwrap();
+    let inventory = second.inventory().await.unwrap();
+    for id in &ids {
+        let rec = inventory
+            .iter()
+            .find(|r| &r.id == id)
+            .expect("rebuilt from containerd");
+        assert_eq!(rec.phase, SandboxPhase::Running);
+        assert_eq!(rec.namespace, "team-a");
+        assert!(rec.name.starts_with("keep-"));
+        assert_eq!(rec.ports.len(), 1, "ports survive in labels");
+    }
+    // Its admission counts them too.
+    assert!(
+        second
+            .create(request(spec(&env, "third", &["true"], &[])))
+            .await
+            .is_err()
+    );
+    for id in ids {
+        second.delete(id, Some(Duration::ZERO)).await.unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn two_hundred_concurrent_sandboxes_leave_nothing_behind() {
+    let env = ContainerdEnv::from_env();
+    let agent = AgentHandle::start(config(&env, 200, "agent-logs-d"))
+        .await
+        .unwrap();
+    let reqs: Vec<CreateSandbox> = (0..200)
+        .map(|i| {
+            request(spec(
+                &env,
+                &format!("many-{i}"),
+                &["sh", "-c", "sleep 600"],
+                &[],
+            ))
+        })
+        .collect();
+    let ids: Vec<SandboxId> = reqs.iter().map(|r| r.id.clone()).collect();
+    let created = futures::future::join_all(reqs.into_iter().map(|r| agent.create(r))).await;
+    let failures: Vec<String> = created
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} creates failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let running = agent.inventory().await.unwrap();
+    assert_eq!(
+        running
+            .iter()
+            .filter(|r| r.phase == SandboxPhase::Running)
+            .count(),
+        200
+    );
+
+    let deleted = futures::future::join_all(
+        ids.iter()
+            .map(|id| agent.delete(id.clone(), Some(Duration::ZERO))),
+    )
+    .await;
+    assert!(
+        deleted.iter().all(Result::is_ok),
+        "{:?}",
+        deleted.iter().find(|r| r.is_err())
+    );
+    assert!(agent.inventory().await.unwrap().is_empty());
+
+    // Nothing left in containerd, no shim, no log directory.
+    let leftover = agent.runtime().list(None).await.unwrap();
+    assert!(
+        leftover.iter().all(|s| !ids.contains(&s.id)),
+        "containers left: {}",
+        leftover.len()
+    );
+    let shims = wait_until("shims of deleted sandboxes to exit", DEADLINE, || async {
+        let out = tokio::process::Command::new("pgrep")
+            .args(["-f", "containerd-shim"])
+            .output()
+            .await?;
+        let cmdlines = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(ids
+            .iter()
+            .all(|id| !cmdlines.contains(id.as_str()))
+            .then_some(()))
+    })
+    .await;
+    assert!(shims.is_ok(), "a shim outlived its sandbox");
+    for id in &ids {
+        assert!(!agent.runtime().log_paths(id).dir.exists());
+    }
+}
