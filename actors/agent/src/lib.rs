@@ -9,6 +9,7 @@
 //! - `AgentActor` ([`AgentHandle`]): admission and the sandbox table ([`state`]), one
 //!   `SandboxActor` per sandbox (operations on a sandbox run in mailbox order), phase
 //!   changes broadcast upward; rebuilt from containerd at start and on reconnect.
+//! - [`server`]: `agent.v1.Agent` over the handle; [`stats`]: cgroup usage counters.
 //! - [`runtime`]: the container lifecycle on containerd (create + start with cleanup
 //!   on failure, SIGTERM/grace/SIGKILL removal, exit events, listing for recovery).
 //! - [`oci`]: the OCI runtime spec we write for a sandbox (Kubernetes command/args
@@ -36,7 +37,9 @@ pub mod oci;
 pub mod runtime;
 mod sandbox;
 pub mod seccomp;
+pub mod server;
 pub mod state;
+pub mod stats;
 
 pub use actor::LABEL_PORTS;
 pub use error::AgentError;

@@ -1,0 +1,164 @@
+//! The agent's gRPC server (`agent.v1.Agent`): thin translation between the wire and
+//! [`AgentHandle`]. Validation errors name the field; every error goes through
+//! `fsb_core::error::to_status`.
+
+use std::{pin::Pin, time::Duration};
+
+use fsb_core::{
+    SandboxId,
+    error::to_status,
+    spec::{EnvVar, ResourcesSpec, SandboxSpec, SpecLimits},
+};
+use fsb_proto::{
+    agent::v1::{
+        CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse, ExecRequest,
+        LogsRequest, SandboxStats, StatsRequest, StatsResponse, agent_server::Agent,
+    },
+    fastpath::v1::{self as fp, ExecResponse, LogChunk},
+};
+use futures::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{AgentHandle, CreateSandbox};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// `agent.v1.Agent` over an [`AgentHandle`].
+#[derive(Clone, Debug)]
+pub struct AgentService {
+    agent: AgentHandle,
+    limits: SpecLimits,
+}
+
+impl AgentService {
+    /// Serve `agent`; `limits` carries the agent's own port (never given to sandboxes).
+    pub fn new(agent: AgentHandle, limits: SpecLimits) -> Self {
+        Self { agent, limits }
+    }
+}
+
+/// The wire spec as the core's client-facing spec (validated next).
+pub fn core_spec(namespace: &str, name: &str, spec: fp::SandboxSpec, runtime: fp::Runtime) -> SandboxSpec {
+    let (spec_runtime, policy) = (spec.runtime(), spec.failure_policy());
+    let resources = spec.resources.unwrap_or_default();
+    let runtime = match runtime {
+        fp::Runtime::Unspecified => match spec_runtime {
+            fp::Runtime::Unspecified => "",
+            other => runtime_name(other),
+        },
+        other => runtime_name(other),
+    };
+    let failure_policy = match policy {
+        fp::FailurePolicy::Unspecified | fp::FailurePolicy::Manual => "Manual",
+        fp::FailurePolicy::AutoRecreate => "AutoRecreate",
+    };
+    SandboxSpec {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        pool_ref: spec.pool_ref,
+        image: spec.image,
+        command: spec.command,
+        args: spec.args,
+        envs: spec.envs.into_iter().map(|e| EnvVar { name: e.name, value: e.value }).collect(),
+        working_dir: spec.working_dir,
+        exposed_ports: spec.exposed_ports,
+        resources: ResourcesSpec { cpu: resources.cpu, memory: resources.memory, pids: resources.pids },
+        runtime: runtime.to_owned(),
+        failure_policy: failure_policy.to_owned(),
+        recovery_timeout_seconds: spec.recovery_timeout_seconds,
+        labels: Default::default(),
+    }
+}
+
+fn runtime_name(r: fp::Runtime) -> &'static str {
+    match r {
+        fp::Runtime::Unspecified => "",
+        fp::Runtime::Runc => "runc",
+        fp::Runtime::Crun => "crun",
+        fp::Runtime::Gvisor => "gvisor",
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<CreateSandboxResponse>, Status> {
+        let req = request.into_inner();
+        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
+        let runtime = req.runtime();
+        let Some(spec) = req.spec else {
+            return Err(Status::invalid_argument("spec: required"));
+        };
+        let spec = core_spec(&req.namespace, &req.name, spec, runtime)
+            .validate(&self.limits)
+            .map_err(|e| to_status(&e))?;
+        let created = self
+            .agent
+            .create(CreateSandbox { id, namespace: req.namespace, name: req.name, claim_uid: req.claim_uid, spec })
+            .await
+            .map_err(|e| to_status(&e))?;
+        let mut stages = Vec::with_capacity(created.stages.len());
+        let mut offset = Duration::ZERO;
+        for (name, took) in &created.stages {
+            stages.push(fp::Stage { name: (*name).to_owned(), start_us: micros(offset), duration_us: micros(*took) });
+            offset += *took;
+        }
+        Ok(Response::new(CreateSandboxResponse {
+            sandbox_id: created.id.to_string(),
+            timeline: Some(fp::Timeline { stages, total_us: micros(offset), path: "cold".into(), note: String::new() }),
+            pid: created.pid,
+        }))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        request: Request<DeleteSandboxRequest>,
+    ) -> Result<Response<DeleteSandboxResponse>, Status> {
+        let req = request.into_inner();
+        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
+        let grace = req.grace_period_seconds.map(|s| Duration::from_secs(u64::from(s)));
+        match self.agent.delete(id, grace).await {
+            Ok(()) => Ok(Response::new(DeleteSandboxResponse { existed: true })),
+            Err(e) if e.is_not_found() => Ok(Response::new(DeleteSandboxResponse { existed: false })),
+            Err(e) => Err(to_status(&e)),
+        }
+    }
+
+    type ExecStream = BoxStream<ExecResponse>;
+
+    async fn exec(&self, _request: Request<Streaming<ExecRequest>>) -> Result<Response<Self::ExecStream>, Status> {
+        Err(Status::unimplemented("exec is not served by this agent version yet"))
+    }
+
+    type LogsStream = BoxStream<LogChunk>;
+
+    async fn logs(&self, _request: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        Err(Status::unimplemented("logs are not served by this agent version yet"))
+    }
+
+    async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let wanted = request.into_inner().sandbox_ids;
+        let mut ids = Vec::with_capacity(wanted.len());
+        for (i, s) in wanted.iter().enumerate() {
+            ids.push(SandboxId::parse(&format!("sandbox_ids[{i}]"), s).map_err(|e| to_status(&e))?);
+        }
+        let inventory = self.agent.inventory().await.map_err(|e| to_status(&e))?;
+        let mut out = Vec::new();
+        for rec in inventory.iter().filter(|r| ids.is_empty() || ids.contains(&r.id)) {
+            let c = crate::stats::read(&rec.id).await;
+            out.push(SandboxStats {
+                sandbox_id: rec.id.to_string(),
+                cpu_usage_ns: c.cpu_usage_ns,
+                memory_bytes: c.memory_bytes,
+                pids: c.pids,
+            });
+        }
+        Ok(Response::new(StatsResponse { sandboxes: out }))
+    }
+}
