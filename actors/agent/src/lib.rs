@@ -21,6 +21,12 @@
 //!   directories, symlinks resolved and re-checked, regular files only, mounted
 //!   read-only `nosuid,nodev`.
 //! - [`image`]: [`image::ImageStore`]: load OCI archives, pull from registries, unpack, resolve.
+//! - [`logs`]: [`logs::stream_logs`] reads the shim-written log files (tail, follow until
+//!   exit, 64 KiB chunks); [`logs::enforce_limit`] bounds their size while the shim
+//!   writes; [`logs::validate_sandbox_id`] for ids from outside.
+//! - [`exec`]: [`exec::exec`] runs a process in a running sandbox through containerd's
+//!   task Exec with agent-made FIFOs, streaming stdout/stderr and the exit code last;
+//!   stdin and tty resize for interactive use.
 //!
 //! Invariants: every containerd call has a deadline; every container we create
 //! carries the well-known labels (`fast-sandbox.io/managed`, `…/id`, ...), so state
@@ -29,9 +35,11 @@
 mod actor;
 pub mod containerd;
 pub mod error;
+pub mod exec;
 mod handle;
 pub mod image;
 pub mod inject;
+pub mod logs;
 mod msg;
 pub mod oci;
 pub mod runtime;
