@@ -122,6 +122,9 @@ run_containerd() {
   # Compile first, so containerd does not sit idle through a build.
   say "containerd: building fsb-tests"
   cargo test -p fsb-tests --no-run
+  # Tests that run the real binaries (kill -9, restart) find them here.
+  cargo build -p fsb-agent-bin
+  export FSB_AGENT_BIN="$CARGO_TARGET_DIR/debug/fsb-agent"
 
   local archive="$CACHE_DIR/fsb-busybox-test.oci.tar" ref
   ref="$("$SCRIPTS/build-test-image.sh" "$archive")"

@@ -11,15 +11,15 @@ use fsb_core::{
 };
 use fsb_proto::{
     agent::v1::{
-        CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse, ExecRequest,
-        LogsRequest, SandboxStats, StatsRequest, StatsResponse, agent_server::Agent,
+        CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
+        ExecRequest, LogsRequest, SandboxStats, StatsRequest, StatsResponse, agent_server::Agent,
     },
     fastpath::v1::{self as fp, ExecResponse, LogChunk},
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{AgentHandle, CreateSandbox};
+use crate::{AgentHandle, CreateSandbox, SandboxPhase, exec, logs};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -38,7 +38,12 @@ impl AgentService {
 }
 
 /// The wire spec as the core's client-facing spec (validated next).
-pub fn core_spec(namespace: &str, name: &str, spec: fp::SandboxSpec, runtime: fp::Runtime) -> SandboxSpec {
+pub fn core_spec(
+    namespace: &str,
+    name: &str,
+    spec: fp::SandboxSpec,
+    runtime: fp::Runtime,
+) -> SandboxSpec {
     let (spec_runtime, policy) = (spec.runtime(), spec.failure_policy());
     let resources = spec.resources.unwrap_or_default();
     let runtime = match runtime {
@@ -59,10 +64,21 @@ pub fn core_spec(namespace: &str, name: &str, spec: fp::SandboxSpec, runtime: fp
         image: spec.image,
         command: spec.command,
         args: spec.args,
-        envs: spec.envs.into_iter().map(|e| EnvVar { name: e.name, value: e.value }).collect(),
+        envs: spec
+            .envs
+            .into_iter()
+            .map(|e| EnvVar {
+                name: e.name,
+                value: e.value,
+            })
+            .collect(),
         working_dir: spec.working_dir,
         exposed_ports: spec.exposed_ports,
-        resources: ResourcesSpec { cpu: resources.cpu, memory: resources.memory, pids: resources.pids },
+        resources: ResourcesSpec {
+            cpu: resources.cpu,
+            memory: resources.memory,
+            pids: resources.pids,
+        },
         runtime: runtime.to_owned(),
         failure_policy: failure_policy.to_owned(),
         recovery_timeout_seconds: spec.recovery_timeout_seconds,
@@ -100,18 +116,33 @@ impl Agent for AgentService {
             .map_err(|e| to_status(&e))?;
         let created = self
             .agent
-            .create(CreateSandbox { id, namespace: req.namespace, name: req.name, claim_uid: req.claim_uid, spec })
+            .create(CreateSandbox {
+                id,
+                namespace: req.namespace,
+                name: req.name,
+                claim_uid: req.claim_uid,
+                spec,
+            })
             .await
             .map_err(|e| to_status(&e))?;
         let mut stages = Vec::with_capacity(created.stages.len());
         let mut offset = Duration::ZERO;
         for (name, took) in &created.stages {
-            stages.push(fp::Stage { name: (*name).to_owned(), start_us: micros(offset), duration_us: micros(*took) });
+            stages.push(fp::Stage {
+                name: (*name).to_owned(),
+                start_us: micros(offset),
+                duration_us: micros(*took),
+            });
             offset += *took;
         }
         Ok(Response::new(CreateSandboxResponse {
             sandbox_id: created.id.to_string(),
-            timeline: Some(fp::Timeline { stages, total_us: micros(offset), path: "cold".into(), note: String::new() }),
+            timeline: Some(fp::Timeline {
+                stages,
+                total_us: micros(offset),
+                path: "cold".into(),
+                note: String::new(),
+            }),
             pid: created.pid,
         }))
     }
@@ -122,27 +153,165 @@ impl Agent for AgentService {
     ) -> Result<Response<DeleteSandboxResponse>, Status> {
         let req = request.into_inner();
         let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
-        let grace = req.grace_period_seconds.map(|s| Duration::from_secs(u64::from(s)));
+        let grace = req
+            .grace_period_seconds
+            .map(|s| Duration::from_secs(u64::from(s)));
         match self.agent.delete(id, grace).await {
             Ok(()) => Ok(Response::new(DeleteSandboxResponse { existed: true })),
-            Err(e) if e.is_not_found() => Ok(Response::new(DeleteSandboxResponse { existed: false })),
+            Err(e) if e.is_not_found() => {
+                Ok(Response::new(DeleteSandboxResponse { existed: false }))
+            }
             Err(e) => Err(to_status(&e)),
         }
     }
 
     type ExecStream = BoxStream<ExecResponse>;
 
-    async fn exec(&self, _request: Request<Streaming<ExecRequest>>) -> Result<Response<Self::ExecStream>, Status> {
-        Err(Status::unimplemented("exec is not served by this agent version yet"))
+    async fn exec(
+        &self,
+        request: Request<Streaming<ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        use fsb_proto::agent::v1::exec_request::Msg;
+        use fsb_proto::fastpath::v1::exec_response::Msg as Out;
+        use tokio::io::AsyncWriteExt;
+
+        let mut input = request.into_inner();
+        let start = match input.message().await? {
+            Some(ExecRequest {
+                msg: Some(Msg::Start(start)),
+            }) => start,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "exec: the first message must be `start`",
+                ));
+            }
+        };
+        let id =
+            SandboxId::parse("start.sandbox_id", &start.sandbox_id).map_err(|e| to_status(&e))?;
+        if start.command.is_empty() {
+            return Err(Status::invalid_argument("start.command: must not be empty"));
+        }
+        let session = exec::exec(
+            self.agent.runtime(),
+            &id,
+            exec::ExecRequest {
+                args: start.command,
+                env: start
+                    .envs
+                    .into_iter()
+                    .map(|e| format!("{}={}", e.name, e.value))
+                    .collect(),
+                cwd: (!start.working_dir.is_empty()).then_some(start.working_dir),
+                tty: start.tty,
+                stdin: start.stdin,
+                timeout: None,
+            },
+        )
+        .await
+        .map_err(|e| to_status(&e))?;
+        let exec::ExecSession {
+            mut stdin,
+            output,
+            resize,
+            ..
+        } = session;
+
+        // Client -> process: stdin bytes, close, resize. Ends with the client's stream.
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = input.message().await {
+                match msg.msg {
+                    Some(Msg::Stdin(bytes)) => {
+                        if let Some(w) = stdin.as_mut() {
+                            if w.write_all(&bytes).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Some(Msg::CloseStdin(true)) => {
+                        if let Some(w) = stdin.take() {
+                            let _ = w.close().await;
+                        }
+                    }
+                    Some(Msg::Resize(size)) => {
+                        if let Some(r) = &resize {
+                            let _ = r.resize(size.cols, size.rows).await;
+                        }
+                    }
+                    Some(Msg::Start(_)) | Some(Msg::CloseStdin(false)) | None => {}
+                }
+            }
+            if let Some(w) = stdin.take() {
+                let _ = w.close().await;
+            }
+        });
+
+        let out = output.map(|item| {
+            item.map(|o| ExecResponse {
+                msg: Some(match o {
+                    exec::ExecOutput::Stdout(b) => Out::Stdout(b.to_vec()),
+                    exec::ExecOutput::Stderr(b) => Out::Stderr(b.to_vec()),
+                    exec::ExecOutput::Exit(code) => Out::ExitCode(code),
+                }),
+            })
+            .map_err(|e| to_status(&e))
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 
     type LogsStream = BoxStream<LogChunk>;
 
-    async fn logs(&self, _request: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        Err(Status::unimplemented("logs are not served by this agent version yet"))
+    async fn logs(
+        &self,
+        request: Request<LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = request.into_inner();
+        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
+        // Subscribe before looking, so an exit between the two is not missed.
+        let mut changes = self.agent.subscribe().await.map_err(|e| to_status(&e))?;
+        let inventory = self.agent.inventory().await.map_err(|e| to_status(&e))?;
+        let Some(record) = inventory.iter().find(|r| r.id == id) else {
+            return Err(Status::not_found(format!("sandbox {id} not found")));
+        };
+        let (exited_tx, exited_rx) = tokio::sync::watch::channel(ended(record.phase));
+        if !ended(record.phase) {
+            let watched = id.clone();
+            tokio::spawn(async move {
+                loop {
+                    match changes.recv().await {
+                        Ok(c) if c.id == watched && ended(c.phase) => break,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                    if exited_tx.is_closed() {
+                        return;
+                    }
+                }
+                let _ = exited_tx.send(true);
+            });
+        }
+        let options = logs::LogOptions {
+            follow: req.follow,
+            tail_lines: req.tail_lines,
+            until_exited: Some(exited_rx),
+        };
+        let stream = logs::stream_logs(self.agent.runtime().log_paths(&id), options).map(|item| {
+            item.map(|chunk| LogChunk {
+                stream: match chunk.stream {
+                    logs::LogStream::Stdout => fp::LogStream::Stdout as i32,
+                    logs::LogStream::Stderr => fp::LogStream::Stderr as i32,
+                },
+                data: chunk.data.to_vec(),
+                time: None,
+            })
+            .map_err(|e| to_status(&e))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
         let wanted = request.into_inner().sandbox_ids;
         let mut ids = Vec::with_capacity(wanted.len());
         for (i, s) in wanted.iter().enumerate() {
@@ -150,7 +319,10 @@ impl Agent for AgentService {
         }
         let inventory = self.agent.inventory().await.map_err(|e| to_status(&e))?;
         let mut out = Vec::new();
-        for rec in inventory.iter().filter(|r| ids.is_empty() || ids.contains(&r.id)) {
+        for rec in inventory
+            .iter()
+            .filter(|r| ids.is_empty() || ids.contains(&r.id))
+        {
             let c = crate::stats::read(&rec.id).await;
             out.push(SandboxStats {
                 sandbox_id: rec.id.to_string(),
@@ -161,4 +333,12 @@ impl Agent for AgentService {
         }
         Ok(Response::new(StatsResponse { sandboxes: out }))
     }
+}
+
+/// Whether a sandbox's process is over (logs can end after draining).
+fn ended(phase: SandboxPhase) -> bool {
+    matches!(
+        phase,
+        SandboxPhase::Succeeded | SandboxPhase::Failed | SandboxPhase::Deleting
+    )
 }

@@ -1,0 +1,168 @@
+//! fsb-agent: parse the config, start logging, run the agent and its gRPC server
+//! (`agent.v1.Agent` plus health and reflection) until SIGTERM or Ctrl-C.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use fsb_agent::{
+    AgentConfig, AgentHandle,
+    containerd::{ContainerdConfig, DEFAULT_CALL_TIMEOUT},
+    image::RegistryOptions,
+    oci::NetworkMode,
+    server::AgentService,
+};
+use fsb_core::{
+    AgentId,
+    spec::{Runtime, SpecLimits},
+};
+use fsb_proto::{ServingStatus, agent::v1::agent_server::AgentServer, standard_services};
+
+/// Node agent: drives containerd to run sandboxes.
+#[derive(Debug, Parser)]
+#[command(name = "fsb-agent", version)]
+struct Config {
+    /// This agent's id (its pod UID in Kubernetes).
+    #[arg(long, env = "FSB_AGENT_ID", default_value = "local")]
+    agent_id: String,
+    /// Address of the agent's gRPC server.
+    #[arg(long, env = "FSB_LISTEN", default_value = "127.0.0.1:5758")]
+    listen: SocketAddr,
+    /// containerd's socket.
+    #[arg(
+        long,
+        env = "FSB_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    containerd_socket: PathBuf,
+    /// containerd namespace of our containers.
+    #[arg(long, env = "FSB_CONTAINERD_NAMESPACE", default_value = "fast-sandbox")]
+    containerd_namespace: String,
+    /// Directory of sandbox log files.
+    #[arg(long, env = "FSB_LOG_DIR", default_value = "/var/log/fast-sandbox")]
+    log_dir: PathBuf,
+    /// Parent of the OCI runtimes' state roots.
+    #[arg(
+        long,
+        env = "FSB_RUNTIME_ROOT",
+        default_value = "/run/fast-sandbox/runtime"
+    )]
+    runtime_root: PathBuf,
+    /// runsc binary or wrapper used for gVisor.
+    #[arg(long, env = "FSB_RUNSC", default_value = "runsc")]
+    runsc: PathBuf,
+    /// Sandboxes held at once.
+    #[arg(long, env = "FSB_CAPACITY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    capacity: u32,
+    /// Runtime when a spec names none: runc, crun or gvisor.
+    #[arg(long, env = "FSB_DEFAULT_RUNTIME", default_value = "runc")]
+    default_runtime: String,
+    /// Seconds between SIGTERM and SIGKILL.
+    #[arg(long, env = "FSB_STOP_GRACE_SECONDS", default_value_t = 10)]
+    stop_grace_seconds: u64,
+    /// Network namespace sandboxes join (default: the agent's own).
+    #[arg(long, env = "FSB_NETNS")]
+    netns: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let config = match Config::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!(
+                "fsb-agent: {}",
+                e.render()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid configuration")
+            );
+            return ExitCode::from(64);
+        }
+    };
+    let default_runtime = match Runtime::parse("--default-runtime", &config.default_runtime) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fsb-agent: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match actix_rt::System::new().block_on(run(config, default_runtime)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fsb-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std::error::Error>> {
+    let netns = config
+        .netns
+        .unwrap_or_else(|| PathBuf::from(format!("/proc/{}/ns/net", std::process::id())));
+    let agent = AgentHandle::start(AgentConfig {
+        agent_id: AgentId::from(config.agent_id),
+        containerd: ContainerdConfig {
+            socket: config.containerd_socket,
+            namespace: config.containerd_namespace,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            runtime_root: config.runtime_root,
+            runsc_binary: config.runsc,
+        },
+        log_dir: config.log_dir,
+        capacity: config.capacity,
+        network: NetworkMode::Join(netns),
+        default_runtime,
+        stop_grace: Duration::from_secs(config.stop_grace_seconds),
+        registry: RegistryOptions::default(),
+    })
+    .await?;
+    let limits = SpecLimits {
+        agent_port: Some(config.listen.port()),
+        ..SpecLimits::default()
+    };
+    let (reporter, health, reflection) = standard_services()?;
+    reporter
+        .set_service_status("agent.v1.Agent", ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "agent listening");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(AgentServer::new(AgentService::new(agent, limits)))
+        .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown())
+        .await?;
+    tracing::info!("agent stopped; sandboxes keep running");
+    Ok(())
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
