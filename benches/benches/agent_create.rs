@@ -28,8 +28,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use containerd_client::{
     services::v1::{
-        Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest,
-        CreateTaskRequest, StartRequest,
+        Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
+        StartRequest,
         containers_client::ContainersClient,
         leases_client::LeasesClient,
         snapshots::{PrepareSnapshotRequest, snapshots_client::SnapshotsClient},
@@ -388,7 +388,10 @@ impl Samples {
         self.order
             .iter()
             .map(|name| {
-                let p50 = self.stages.get(name).map_or(f64::NAN, |v| percentiles_ms(v).0);
+                let p50 = self
+                    .stages
+                    .get(name)
+                    .map_or(f64::NAN, |v| percentiles_ms(v).0);
                 (*name, p50)
             })
             .collect()
