@@ -4,7 +4,8 @@
 #   lint        cargo fmt --check and cargo clippy -D warnings on every target
 #   unit        cargo test for every crate except fsb-tests (no containerd needed)
 #   containerd  a private containerd + the offline busybox OCI image + two local
-#               registries holding it, then `cargo test -p fsb-tests` (needs root)
+#               registries holding it, then `cargo test -p fsb-tests` (needs root;
+#               the setup and cleanup are scripts/with-containerd.sh)
 #   k8s         kube-apiserver + etcd scenarios (not built yet)
 #
 # Whatever it starts, it stops on exit (trap): containers and tasks, containerd, the
@@ -22,8 +23,6 @@ SCRIPTS="$REPO_ROOT/tests/scripts"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/fast-sandbox/target}"
 export FSB_TEST_RUN_DIR="${FSB_TEST_RUN_DIR:-/tmp/fsb-test}"
-CACHE_DIR="${FSB_TEST_CACHE_DIR:-/var/cache/fast-sandbox/test-images}"
-NAMESPACE="fast-sandbox"
 
 # Debian packages the suites need, each with the command that shows it is there.
 PACKAGES=(
@@ -75,26 +74,12 @@ ensure_packages() {
 }
 
 # --- cleanup ----------------------------------------------------------------------
-CONTAINERD_STARTED=0
-REGISTRY_STARTED=0
+# containerd and the registries are started and stopped by scripts/with-containerd.sh
+# (its own EXIT trap); this one only prints the test total.
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   summarize
-  if [[ $REGISTRY_STARTED -eq 1 ]]; then
-    say "stopping the test registries"
-    if ! "$SCRIPTS/registry.sh" stop; then
-      echo "run.sh: WARNING: a test registry survived (see above)" >&2
-      [[ $rc -ne 0 ]] || rc=1
-    fi
-  fi
-  if [[ $CONTAINERD_STARTED -eq 1 ]]; then
-    say "stopping the private containerd"
-    if ! "$SCRIPTS/containerd.sh" stop; then
-      echo "run.sh: WARNING: cleanup left something behind (see above)" >&2
-      [[ $rc -ne 0 ]] || rc=1
-    fi
-  fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -126,36 +111,12 @@ run_containerd() {
   cargo build -p fsb-agent-bin
   export FSB_AGENT_BIN="$CARGO_TARGET_DIR/debug/fsb-agent"
 
-  local archive="$CACHE_DIR/fsb-busybox-test.oci.tar" ref
-  ref="$("$SCRIPTS/build-test-image.sh" "$archive")"
-
-  CONTAINERD_STARTED=1
-  "$SCRIPTS/containerd.sh" start
-  eval "$("$SCRIPTS/containerd.sh" env)"
-
-  # Harness setup only: the product loads images itself (content + diff + snapshots).
-  ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images import \
-    --snapshotter overlayfs "$archive" >/dev/null
-  # ctr names the image after the index's ref.name annotation; check, then export it.
-  if ! ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images ls -q | grep -qxF "$ref"; then
-    echo "run.sh: ctr did not import the image as $ref; it has:" >&2
-    ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images ls -q >&2
-    return 1
-  fi
-  export FSB_TEST_IMAGE="$ref" FSB_TEST_IMAGE_ARCHIVE="$archive"
-
-  # Two local registries (plain HTTP; HTTPS + basic auth) holding the test image.
-  REGISTRY_STARTED=1
-  "$SCRIPTS/registry.sh" start "$archive"
-  eval "$("$SCRIPTS/registry.sh" env)"
-
-  say "containerd: cargo test -p fsb-tests (image $ref, socket $FSB_CONTAINERD_SOCKET)"
-  cargo_test -p fsb-tests "$@"
-
-  "$SCRIPTS/registry.sh" stop
-  REGISTRY_STARTED=0
-  "$SCRIPTS/containerd.sh" stop
-  CONTAINERD_STARTED=0
+  # Private containerd + imported test image + two local registries (plain HTTP; HTTPS
+  # + basic auth) holding it, all stopped again when the tests end. Only the tests'
+  # output goes through tee, so the cleanup's messages cannot hit a closed pipe.
+  say "containerd: cargo test -p fsb-tests"
+  "$SCRIPTS/with-containerd.sh" --registries \
+    bash -c 'set -o pipefail; cargo test -p fsb-tests "$@" 2>&1 | tee -a "$0"' "$TEST_LOG" "$@"
 }
 
 run_k8s() {

@@ -80,3 +80,23 @@ pub fn percentiles(samples: &mut [f64]) -> (f64, f64, f64) {
     };
     (at(0.50), at(0.90), at(0.99))
 }
+
+/// p50/p90/p99 of `durations` in milliseconds (see [`percentiles`]).
+pub fn percentiles_ms(durations: &[std::time::Duration]) -> (f64, f64, f64) {
+    let mut ms: Vec<f64> = durations.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    percentiles(&mut ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let mut samples: Vec<f64> = (1..=101).rev().map(f64::from).collect();
+        assert_eq!(percentiles(&mut samples), (51.0, 91.0, 100.0));
+        assert!(percentiles(&mut []).0.is_nan());
+        let ms = percentiles_ms(&[std::time::Duration::from_micros(1500)]);
+        assert_eq!(ms, (1.5, 1.5, 1.5));
+    }
+}
