@@ -85,7 +85,7 @@ fn create(id: &str, script: &str, ports: Vec<u32>) -> CreateSandboxRequest {
 fn last_line_number(log: &str) -> Option<u64> {
     log.lines()
         .filter_map(|l| l.strip_prefix("line-")?.parse().ok())
-        .last()
+        .next_back()
 }
 
 #[tokio::test]

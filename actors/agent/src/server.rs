@@ -221,10 +221,10 @@ impl Agent for AgentService {
             while let Ok(Some(msg)) = input.message().await {
                 match msg.msg {
                     Some(Msg::Stdin(bytes)) => {
-                        if let Some(w) = stdin.as_mut() {
-                            if w.write_all(&bytes).await.is_err() {
-                                break;
-                            }
+                        if let Some(w) = stdin.as_mut()
+                            && w.write_all(&bytes).await.is_err()
+                        {
+                            break;
                         }
                     }
                     Some(Msg::CloseStdin(true)) => {

@@ -194,10 +194,22 @@ impl AgentState {
 
     /// Replace everything with what containerd holds (after a restart or a
     /// containerd reconnect); returns the phase changes against the previous view.
+    /// Sandboxes being created or deleted keep our record: their SandboxActor is
+    /// mid-operation and containerd shows a transitional state (e.g. no task yet).
     pub fn recover(&mut self, observed: Vec<SandboxRecord>) -> Vec<PhaseChange> {
+        let busy =
+            |r: &SandboxRecord| matches!(r.phase, SandboxPhase::Creating | SandboxPhase::Deleting);
         let mut changes = Vec::new();
-        let mut next = BTreeMap::new();
+        let mut next: BTreeMap<SandboxId, SandboxRecord> = self
+            .sandboxes
+            .iter()
+            .filter(|(_, r)| busy(r))
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
         for rec in observed {
+            if next.contains_key(&rec.id) {
+                continue;
+            }
             let changed = self
                 .sandboxes
                 .get(&rec.id)
@@ -210,12 +222,6 @@ impl AgentState {
                 });
             }
             next.insert(rec.id.clone(), rec);
-        }
-        // Sandboxes still being created are not in containerd's list yet; keep them.
-        for (id, rec) in &self.sandboxes {
-            if rec.phase == SandboxPhase::Creating && !next.contains_key(id) {
-                next.insert(id.clone(), rec.clone());
-            }
         }
         self.sandboxes = next;
         changes
@@ -291,6 +297,18 @@ mod tests {
             (change.phase, change.exit_code),
             (SandboxPhase::Failed, Some(3))
         );
+    }
+
+    #[test]
+    fn recover_never_overrides_a_create_in_flight() {
+        let mut s = AgentState::new(2);
+        let flying = rec(&[]);
+        s.admit(flying.clone());
+        // containerd already has the container but no task yet.
+        let mut seen = flying.clone();
+        seen.phase = SandboxPhase::Failed;
+        assert!(s.recover(vec![seen]).is_empty());
+        assert_eq!(s.get(&flying.id).unwrap().phase, SandboxPhase::Creating);
     }
 
     #[test]

@@ -57,10 +57,10 @@ async fn read_under(root: &Path, id: &SandboxId) -> Usage {
 
 async fn first_number(paths: &[PathBuf]) -> Option<u64> {
     for p in paths {
-        if let Ok(s) = tokio::fs::read_to_string(p).await {
-            if let Ok(n) = s.trim().parse() {
-                return Some(n);
-            }
+        if let Ok(s) = tokio::fs::read_to_string(p).await
+            && let Ok(n) = s.trim().parse()
+        {
+            return Some(n);
         }
     }
     None
