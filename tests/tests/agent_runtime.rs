@@ -240,3 +240,15 @@ async fn a_new_runtime_finds_the_running_sandboxes() {
         assert!(second.remove(id, Duration::ZERO).await.unwrap());
     }
 }
+
+#[tokio::test]
+async fn a_repeated_create_never_destroys_the_first() {
+    let env = ContainerdEnv::from_env();
+    let rt = runtime(&env).await;
+    let plan = plan(&env, &rt, Runtime::Runc, "while :; do sleep 1; done").await;
+    rt.create(&plan).await.unwrap();
+    let again = rt.create(&plan).await.expect_err("same id twice");
+    assert!(again.is_already_exists(), "{again}");
+    assert_eq!(rt.task_state(&plan.id).await.unwrap(), TaskState::Running, "the first one is untouched");
+    assert!(rt.remove(&plan.id, Duration::ZERO).await.unwrap());
+}

@@ -180,6 +180,9 @@ impl ContainerdRuntime {
     pub async fn create(&self, plan: &ContainerPlan) -> Result<Started, AgentError> {
         match self.try_create(plan).await {
             Ok(started) => Ok(started),
+            // The snapshot or container already exists: an earlier create made it and
+            // owns it. Cleaning up here would destroy a live sandbox.
+            Err(err) if err.is_already_exists() => Err(err),
             Err(err) => {
                 if let Err(cleanup) = self.remove(&plan.id, Duration::ZERO).await {
                     tracing::warn!(sandbox = %plan.id, error = %cleanup, "cleanup after failed create failed");
