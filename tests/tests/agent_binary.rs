@@ -33,7 +33,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_agent(env: &ContainerdEnv, agent_id: &str, port: u16) -> Agent {
+async fn start_agent(env: &ContainerdEnv, agent_id: &str, port: u16, capacity: u32) -> Agent {
     let bin =
         std::env::var("FSB_AGENT_BIN").expect("FSB_AGENT_BIN is set by tests/run.sh containerd");
     let child = Command::new(bin)
@@ -47,7 +47,7 @@ async fn start_agent(env: &ContainerdEnv, agent_id: &str, port: u16) -> Agent {
         )
         .env("FSB_RUNTIME_ROOT", &env.runtime_root)
         .env("FSB_RUNSC", &env.runsc)
-        .env("FSB_CAPACITY", "32")
+        .env("FSB_CAPACITY", capacity.to_string())
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -92,7 +92,7 @@ fn last_line_number(log: &str) -> Option<u64> {
 async fn bad_input_is_refused_and_exec_streams() {
     let env = ContainerdEnv::from_env();
     let port = free_port();
-    let mut agent = start_agent(&env, "bin-agent-exec", port).await;
+    let mut agent = start_agent(&env, "bin-agent-exec", port, 4).await;
 
     let err = agent
         .client
@@ -174,7 +174,7 @@ async fn bad_input_is_refused_and_exec_streams() {
 async fn kill_9_loses_nothing() {
     let env = ContainerdEnv::from_env();
     let port = free_port();
-    let mut agent = start_agent(&env, "bin-agent-restart", port).await;
+    let mut agent = start_agent(&env, "bin-agent-restart", port, 32).await;
     let script = "i=0; while :; do echo line-$i; i=$((i+1)); sleep 0.1; done";
     let ids: Vec<String> = (0..20)
         .map(|_| fsb_core::SandboxId::generate().to_string())
@@ -213,7 +213,7 @@ async fn kill_9_loses_nothing() {
     .await
     .unwrap();
 
-    let mut agent = start_agent(&env, "bin-agent-restart", port).await;
+    let mut agent = start_agent(&env, "bin-agent-restart", port, 32).await;
     let stats = agent
         .client
         .stats(StatsRequest::default())
@@ -280,4 +280,54 @@ async fn kill_9_loses_nothing() {
         );
     }
     agent.child.kill().await.unwrap();
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap()
+}
+
+/// Issue 3 bound: agent memory per running sandbox <= 100 KB (RSS at 0 and at 200).
+#[tokio::test]
+async fn memory_per_running_sandbox_stays_under_100_kib() {
+    let env = ContainerdEnv::from_env();
+    let port = free_port();
+    let mut agent = start_agent(&env, "bin-agent-memory", port, 256).await;
+    let pid = agent.child.id().unwrap();
+    // Warm up lazily initialised paths (image cache, connections) with one sandbox.
+    let warm = fsb_core::SandboxId::generate().to_string();
+    agent.client.create_sandbox(create(&warm, "sleep 600", vec![])).await.unwrap();
+    let req = DeleteSandboxRequest { sandbox_id: warm, grace_period_seconds: Some(0) };
+    agent.client.delete_sandbox(req).await.unwrap();
+    let idle = rss_kib(pid);
+
+    let ids: Vec<String> = (0..200).map(|_| fsb_core::SandboxId::generate().to_string()).collect();
+    // Steady state, not a burst: ten creates in flight at a time.
+    for batch in ids.chunks(10) {
+        let creates = batch.iter().map(|id| {
+            let mut client = agent.client.clone();
+            let req = create(id, "sleep 600", vec![]);
+            async move { client.create_sandbox(req).await }
+        });
+        for result in futures::future::join_all(creates).await {
+            result.unwrap();
+        }
+    }
+    let loaded = rss_kib(pid);
+    let per_sandbox = loaded.saturating_sub(idle) as f64 / 200.0;
+    println!("agent RSS: {idle} KiB idle, {loaded} KiB with 200 sandboxes, {per_sandbox:.1} KiB each");
+
+    let deletes = ids.iter().map(|id| {
+        let mut client = agent.client.clone();
+        let req = DeleteSandboxRequest { sandbox_id: id.clone(), grace_period_seconds: Some(0) };
+        async move { client.delete_sandbox(req).await }
+    });
+    for result in futures::future::join_all(deletes).await {
+        assert!(result.unwrap().into_inner().existed);
+    }
+    agent.child.kill().await.unwrap();
+    assert!(per_sandbox <= 100.0, "{per_sandbox:.1} KiB per running sandbox");
 }
