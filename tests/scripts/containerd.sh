@@ -367,14 +367,22 @@ status() {
   fi
 }
 
+# Restart containerd alone, as a crash or upgrade would: shims and containers stay,
+# and containerd reconnects to them. Tests use it to check that clients recover.
+restart() {
+  stop_containerd
+  start
+}
+
 case "${1:-}" in
   start) start && clean ;;
+  restart) restart ;;
   clean) clean ;;
   stop) stop ;;
   env) print_env ;;
   status) status ;;
   *)
-    echo "usage: $0 start|stop|clean|env|status" >&2
+    echo "usage: $0 start|restart|stop|clean|env|status" >&2
     exit 64
     ;;
 esac

@@ -286,7 +286,14 @@ fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap()
 }
 
@@ -299,12 +306,21 @@ async fn memory_per_running_sandbox_stays_under_100_kib() {
     let pid = agent.child.id().unwrap();
     // Warm up lazily initialised paths (image cache, connections) with one sandbox.
     let warm = fsb_core::SandboxId::generate().to_string();
-    agent.client.create_sandbox(create(&warm, "sleep 600", vec![])).await.unwrap();
-    let req = DeleteSandboxRequest { sandbox_id: warm, grace_period_seconds: Some(0) };
+    agent
+        .client
+        .create_sandbox(create(&warm, "sleep 600", vec![]))
+        .await
+        .unwrap();
+    let req = DeleteSandboxRequest {
+        sandbox_id: warm,
+        grace_period_seconds: Some(0),
+    };
     agent.client.delete_sandbox(req).await.unwrap();
     let idle = rss_kib(pid);
 
-    let ids: Vec<String> = (0..200).map(|_| fsb_core::SandboxId::generate().to_string()).collect();
+    let ids: Vec<String> = (0..200)
+        .map(|_| fsb_core::SandboxId::generate().to_string())
+        .collect();
     // Steady state, not a burst: ten creates in flight at a time.
     for batch in ids.chunks(10) {
         let creates = batch.iter().map(|id| {
@@ -318,16 +334,24 @@ async fn memory_per_running_sandbox_stays_under_100_kib() {
     }
     let loaded = rss_kib(pid);
     let per_sandbox = loaded.saturating_sub(idle) as f64 / 200.0;
-    println!("agent RSS: {idle} KiB idle, {loaded} KiB with 200 sandboxes, {per_sandbox:.1} KiB each");
+    println!(
+        "agent RSS: {idle} KiB idle, {loaded} KiB with 200 sandboxes, {per_sandbox:.1} KiB each"
+    );
 
     let deletes = ids.iter().map(|id| {
         let mut client = agent.client.clone();
-        let req = DeleteSandboxRequest { sandbox_id: id.clone(), grace_period_seconds: Some(0) };
+        let req = DeleteSandboxRequest {
+            sandbox_id: id.clone(),
+            grace_period_seconds: Some(0),
+        };
         async move { client.delete_sandbox(req).await }
     });
     for result in futures::future::join_all(deletes).await {
         assert!(result.unwrap().into_inner().existed);
     }
     agent.child.kill().await.unwrap();
-    assert!(per_sandbox <= 100.0, "{per_sandbox:.1} KiB per running sandbox");
+    assert!(
+        per_sandbox <= 100.0,
+        "{per_sandbox:.1} KiB per running sandbox"
+    );
 }

@@ -249,6 +249,10 @@ async fn a_repeated_create_never_destroys_the_first() {
     rt.create(&plan).await.unwrap();
     let again = rt.create(&plan).await.expect_err("same id twice");
     assert!(again.is_already_exists(), "{again}");
-    assert_eq!(rt.task_state(&plan.id).await.unwrap(), TaskState::Running, "the first one is untouched");
+    assert_eq!(
+        rt.task_state(&plan.id).await.unwrap(),
+        TaskState::Running,
+        "the first one is untouched"
+    );
     assert!(rt.remove(&plan.id, Duration::ZERO).await.unwrap());
 }
