@@ -10,6 +10,9 @@
 //!   `SandboxActor` per sandbox (operations on a sandbox run in mailbox order), phase
 //!   changes broadcast upward; rebuilt from containerd at start and on reconnect.
 //! - [`server`]: `agent.v1.Agent` over the handle; [`stats`]: cgroup usage counters.
+//! - [`session`]: [`session::spawn_session`], the agent's side of
+//!   `AgentControl/Session`: register, full inventories, heartbeats with jitter, phase
+//!   events, reconnect with capped backoff.
 //! - [`runtime`]: the container lifecycle on containerd (create + start with cleanup
 //!   on failure, SIGTERM/grace/SIGKILL removal, exit events, listing for recovery).
 //! - [`oci`]: the OCI runtime spec we write for a sandbox (Kubernetes command/args
@@ -46,6 +49,7 @@ pub mod runtime;
 mod sandbox;
 pub mod seccomp;
 pub mod server;
+pub mod session;
 pub mod state;
 pub mod stats;
 
@@ -55,4 +59,5 @@ pub use handle::{AgentConfig, AgentHandle, DEFAULT_STOP_GRACE};
 pub use inject::{InjectedMount, InjectionPolicy};
 pub use msg::{CreateSandbox, CreatedSandbox};
 pub use oci::{ImageConfig, NetworkMode, SpecInput, build_spec};
+pub use session::{SessionConfig, SessionTask, spawn_session};
 pub use state::{PhaseChange, SandboxPhase, SandboxRecord};

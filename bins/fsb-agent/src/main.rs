@@ -1,5 +1,6 @@
 //! fsb-agent: parse the config, start logging, run the agent and its gRPC server
-//! (`agent.v1.Agent` plus health and reflection) until SIGTERM or Ctrl-C.
+//! (`agent.v1.Agent` plus health and reflection) until SIGTERM or Ctrl-C; with
+//! `--controller`, also the Session stream to the controller.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -10,12 +11,18 @@ use fsb_agent::{
     image::RegistryOptions,
     oci::NetworkMode,
     server::AgentService,
+    session::{SessionConfig, spawn_session},
 };
 use fsb_core::{
     AgentId,
     spec::{Runtime, SpecLimits},
 };
-use fsb_proto::{ServingStatus, agent::v1::agent_server::AgentServer, standard_services};
+use fsb_proto::{
+    ServingStatus,
+    agent::v1::{Register, agent_server::AgentServer},
+    fastpath::v1 as fp,
+    standard_services,
+};
 
 /// Node agent: drives containerd to run sandboxes.
 #[derive(Debug, Parser)]
@@ -62,6 +69,28 @@ struct Config {
     /// Network namespace sandboxes join (default: the agent's own).
     #[arg(long, env = "FSB_NETNS")]
     netns: Option<PathBuf>,
+    /// Controller's AgentControl address (http://host:port); without it the agent
+    /// runs standalone.
+    #[arg(long, env = "FSB_CONTROLLER")]
+    controller: Option<String>,
+    /// Pool this agent belongs to.
+    #[arg(long, env = "FSB_POOL", default_value = "default")]
+    pool: String,
+    /// Kubernetes namespace of the pool.
+    #[arg(long, env = "FSB_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Node name (default: /etc/hostname).
+    #[arg(long, env = "FSB_NODE_NAME")]
+    node_name: Option<String>,
+    /// The agent's pod name (Kubernetes mode).
+    #[arg(long, env = "FSB_POD_NAME", default_value = "")]
+    pod_name: String,
+    /// The agent's pod UID (Kubernetes mode).
+    #[arg(long, env = "FSB_POD_UID", default_value = "")]
+    pod_uid: String,
+    /// Heartbeat period in milliseconds unless the controller names one.
+    #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +124,13 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    if let Some(controller) = &config.controller
+        && (!controller.starts_with("http://") && !controller.starts_with("https://")
+            || tonic::transport::Endpoint::from_shared(controller.clone()).is_err())
+    {
+        eprintln!("fsb-agent: --controller must be an http(s)://host:port URL, got {controller:?}");
+        return ExitCode::from(64);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -113,6 +149,23 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
     let netns = config
         .netns
         .unwrap_or_else(|| PathBuf::from(format!("/proc/{}/ns/net", std::process::id())));
+    let register = Register {
+        agent_id: config.agent_id.clone(),
+        pool: config.pool,
+        namespace: config.namespace,
+        node_name: config.node_name.unwrap_or_else(hostname),
+        pod_name: config.pod_name,
+        pod_uid: config.pod_uid,
+        endpoint: format!("http://{}", config.listen),
+        agent_port: u32::from(config.listen.port()),
+        capacity: config.capacity,
+        // Every runtime goes through the runc shim; their binaries are not probed.
+        runtimes: [fp::Runtime::Runc, fp::Runtime::Crun, fp::Runtime::Gvisor]
+            .into_iter()
+            .map(i32::from)
+            .collect(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
     let agent = AgentHandle::start(AgentConfig {
         agent_id: AgentId::from(config.agent_id),
         containerd: ContainerdConfig {
@@ -130,6 +183,20 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
         registry: RegistryOptions::default(),
     })
     .await?;
+    // Dropped (and so stopped) when the server returns.
+    let _session = config.controller.map(|controller| {
+        tracing::info!(%controller, "reporting to the controller");
+        spawn_session(
+            agent.clone(),
+            SessionConfig {
+                controller,
+                register,
+                heartbeat_interval: Duration::from_millis(config.heartbeat_ms),
+                jitter: 0.2,
+                reconnect_backoff_max: Duration::from_secs(30),
+            },
+        )
+    });
     let limits = SpecLimits {
         agent_port: Some(config.listen.port()),
         ..SpecLimits::default()
@@ -148,6 +215,12 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
         .await?;
     tracing::info!("agent stopped; sandboxes keep running");
     Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn tokio_stream_listener(
