@@ -43,6 +43,7 @@ fn config(env: &ContainerdEnv, capacity: u32, agent: &str) -> AgentConfig {
         default_runtime: Runtime::Runc,
         stop_grace: Duration::from_secs(5),
         registry: RegistryOptions::default(),
+        log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
     }
 }
 
@@ -280,4 +281,53 @@ async fn two_hundred_concurrent_sandboxes_leave_nothing_behind() {
     for id in &ids {
         assert!(!agent.runtime().log_paths(id).dir.exists());
     }
+}
+
+#[actix_rt::test]
+async fn log_files_are_kept_under_their_bound() {
+    let env = ContainerdEnv::from_env();
+    let mut cfg = config(&env, 2, "agent-logs-e");
+    cfg.log_max_bytes = 64 * 1024;
+    let agent = AgentHandle::start(cfg).await.unwrap();
+    // ~1 MiB of output at once, then the process stays.
+    let req = request(spec(
+        &env,
+        "chatty",
+        &[
+            "sh",
+            "-c",
+            "yes 0123456789abcdef | head -c 1048576; sleep 600",
+        ],
+        &[],
+    ));
+    let id = req.id.clone();
+    agent.create(req).await.unwrap();
+    let stdout = agent.runtime().log_paths(&id).stdout;
+    let size = || async {
+        tokio::fs::metadata(&stdout)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    wait_until("the output to be written", DEADLINE, || async {
+        Ok((size().await >= 1 << 20).then_some(()))
+    })
+    .await
+    .unwrap();
+    let bounded = wait_until("the log to be cut to its bound", DEADLINE, || async {
+        let s = size().await;
+        Ok((s <= 64 * 1024 + 4096).then_some(s))
+    })
+    .await
+    .unwrap();
+    let tail = tokio::fs::read_to_string(&stdout).await.unwrap();
+    assert!(
+        tail.ends_with("0123456789abcdef\n") || tail.ends_with("0123456789abcdef"),
+        "newest bytes kept"
+    );
+    assert!(
+        bounded > 0,
+        "the newest half is kept, not everything dropped"
+    );
+    agent.delete(id, Some(Duration::ZERO)).await.unwrap();
 }

@@ -44,6 +44,7 @@ async fn the_agent_survives_a_containerd_restart() {
         default_runtime: Runtime::Runc,
         stop_grace: Duration::from_secs(1),
         registry: RegistryOptions::default(),
+        log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
     })
     .await
     .unwrap();

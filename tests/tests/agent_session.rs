@@ -184,6 +184,7 @@ fn agent_config(env: &ContainerdEnv, agent: &str) -> AgentConfig {
         default_runtime: Runtime::Runc,
         stop_grace: Duration::from_secs(1),
         registry: RegistryOptions::default(),
+        log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
     }
 }
 

@@ -39,7 +39,15 @@ pub struct AgentConfig {
     pub stop_grace: Duration,
     /// How images are pulled.
     pub registry: RegistryOptions,
+    /// Size bound of each log file (stdout, stderr) of a sandbox; checked every
+    /// [`LOG_CHECK_INTERVAL`], the oldest half dropped when exceeded. 0 disables.
+    pub log_max_bytes: u64,
 }
+
+/// Default bound of a sandbox log file.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// How often log sizes are checked.
+pub const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Cloneable handle to a running agent.
 #[derive(Clone, Debug)]
@@ -71,11 +79,15 @@ impl AgentHandle {
         });
         let addr = actor.start();
         spawn_exit_watch(addr.clone(), runtime.clone(), agent_id);
-        Ok(Self {
+        let handle = Self {
             addr,
             images,
             runtime,
-        })
+        };
+        if config.log_max_bytes > 0 {
+            spawn_log_limits(handle.clone(), config.log_max_bytes);
+        }
+        Ok(handle)
     }
 
     /// Create and start a sandbox (idempotent by id: a retry gets the first result).
@@ -110,6 +122,32 @@ impl AgentHandle {
     pub fn runtime(&self) -> &ContainerdRuntime {
         &self.runtime
     }
+}
+
+/// Keep every sandbox's log files under `max_bytes`. One pass at a time: a slow pass
+/// makes the next tick be skipped, never queued. Ends when the agent stops.
+fn spawn_log_limits(agent: AgentHandle, max_bytes: u64) {
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval(LOG_CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let Ok(sandboxes) = agent.inventory().await else {
+                return;
+            };
+            for rec in sandboxes {
+                let paths = agent.runtime.log_paths(&rec.id);
+                match crate::logs::enforce_limit(&paths, max_bytes).await {
+                    Ok(0) => {}
+                    Ok(dropped) => tracing::info!(sandbox = %rec.id, dropped, "log rotated"),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => {
+                        tracing::warn!(sandbox = %rec.id, error = %e, "log size check failed")
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn stopped(_: actix::MailboxError) -> AgentError {

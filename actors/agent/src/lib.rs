@@ -55,7 +55,9 @@ pub mod stats;
 
 pub use actor::LABEL_PORTS;
 pub use error::AgentError;
-pub use handle::{AgentConfig, AgentHandle, DEFAULT_STOP_GRACE};
+pub use handle::{
+    AgentConfig, AgentHandle, DEFAULT_LOG_MAX_BYTES, DEFAULT_STOP_GRACE, LOG_CHECK_INTERVAL,
+};
 pub use inject::{InjectedMount, InjectionPolicy};
 pub use msg::{CreateSandbox, CreatedSandbox};
 pub use oci::{ImageConfig, NetworkMode, SpecInput, build_spec};

@@ -66,6 +66,9 @@ struct Config {
     /// Seconds between SIGTERM and SIGKILL.
     #[arg(long, env = "FSB_STOP_GRACE_SECONDS", default_value_t = 10)]
     stop_grace_seconds: u64,
+    /// Size bound of each sandbox log file, in bytes (0: unbounded).
+    #[arg(long, env = "FSB_LOG_MAX_BYTES", default_value_t = fsb_agent::DEFAULT_LOG_MAX_BYTES)]
+    log_max_bytes: u64,
     /// Network namespace sandboxes join (default: the agent's own).
     #[arg(long, env = "FSB_NETNS")]
     netns: Option<PathBuf>,
@@ -181,6 +184,7 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
         default_runtime,
         stop_grace: Duration::from_secs(config.stop_grace_seconds),
         registry: RegistryOptions::default(),
+        log_max_bytes: config.log_max_bytes,
     })
     .await?;
     // Dropped (and so stopped) when the server returns.
