@@ -44,6 +44,7 @@ fn config(env: &ContainerdEnv, capacity: u32, agent: &str) -> AgentConfig {
         stop_grace: Duration::from_secs(5),
         registry: RegistryOptions::default(),
         log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
+        log_retention: std::time::Duration::ZERO,
     }
 }
 

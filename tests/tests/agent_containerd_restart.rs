@@ -45,6 +45,7 @@ async fn the_agent_survives_a_containerd_restart() {
         stop_grace: Duration::from_secs(1),
         registry: RegistryOptions::default(),
         log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
+        log_retention: std::time::Duration::ZERO,
     })
     .await
     .unwrap();

@@ -256,3 +256,33 @@ async fn a_repeated_create_never_destroys_the_first() {
     );
     assert!(rt.remove(&plan.id, Duration::ZERO).await.unwrap());
 }
+
+#[tokio::test]
+async fn logs_are_retained_when_asked_and_pruned_after() {
+    let env = ContainerdEnv::from_env();
+    let kept = runtime(&env)
+        .await
+        .with_log_retention(Duration::from_secs(3600));
+    let plan = plan(&env, &kept, Runtime::Runc, "echo keep-me; sleep 600").await;
+    kept.create(&plan).await.unwrap();
+    let logs = kept.log_paths(&plan.id);
+    wait_until("output", DEADLINE, || async {
+        Ok(read(&logs.stdout).await.contains("keep-me").then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(kept.remove(&plan.id, Duration::ZERO).await.unwrap());
+    assert!(!logs.dir.exists());
+    let retained = kept.retained_log_dir(&plan.id);
+    assert!(
+        read(&retained.join("stdout.log")).await.contains("keep-me"),
+        "kept after removal"
+    );
+    assert_eq!(kept.prune_retained().await.unwrap(), 0, "not yet expired");
+    // The same directory seen by a runtime with a zero retention is past it.
+    let strict = runtime(&env)
+        .await
+        .with_log_retention(Duration::from_nanos(1));
+    assert!(strict.prune_retained().await.unwrap() >= 1);
+    assert!(!retained.exists());
+}

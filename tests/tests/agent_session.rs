@@ -185,6 +185,7 @@ fn agent_config(env: &ContainerdEnv, agent: &str) -> AgentConfig {
         stop_grace: Duration::from_secs(1),
         registry: RegistryOptions::default(),
         log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
+        log_retention: std::time::Duration::ZERO,
     }
 }
 

@@ -42,6 +42,8 @@ pub struct AgentConfig {
     /// Size bound of each log file (stdout, stderr) of a sandbox; checked every
     /// [`LOG_CHECK_INTERVAL`], the oldest half dropped when exceeded. 0 disables.
     pub log_max_bytes: u64,
+    /// How long a deleted sandbox's logs are kept (zero: removed with it).
+    pub log_retention: Duration,
 }
 
 /// Default bound of a sandbox log file.
@@ -63,7 +65,8 @@ impl AgentHandle {
     /// once the table reflects containerd.
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let cd = Containerd::connect(config.containerd.clone()).await?;
-        let runtime = ContainerdRuntime::new(cd.clone(), config.log_dir.clone());
+        let runtime = ContainerdRuntime::new(cd.clone(), config.log_dir.clone())
+            .with_log_retention(config.log_retention);
         let images = Arc::new(ImageStore::new(cd, &config.registry)?);
         let observed = runtime.list(Some(config.agent_id.as_str())).await?;
         let agent_id = config.agent_id.clone();
@@ -84,9 +87,7 @@ impl AgentHandle {
             images,
             runtime,
         };
-        if config.log_max_bytes > 0 {
-            spawn_log_limits(handle.clone(), config.log_max_bytes);
-        }
+        spawn_log_limits(handle.clone(), config.log_max_bytes);
         Ok(handle)
     }
 
@@ -124,8 +125,9 @@ impl AgentHandle {
     }
 }
 
-/// Keep every sandbox's log files under `max_bytes`. One pass at a time: a slow pass
-/// makes the next tick be skipped, never queued. Ends when the agent stops.
+/// Keep every sandbox's log files under `max_bytes` (0: unbounded) and prune retained
+/// logs past their retention. One pass at a time: a slow pass makes the next tick be
+/// skipped, never queued. Ends when the agent stops.
 fn spawn_log_limits(agent: AgentHandle, max_bytes: u64) {
     actix::spawn(async move {
         let mut tick = tokio::time::interval(LOG_CHECK_INTERVAL);
@@ -135,6 +137,12 @@ fn spawn_log_limits(agent: AgentHandle, max_bytes: u64) {
             let Ok(sandboxes) = agent.inventory().await else {
                 return;
             };
+            if let Err(e) = agent.runtime.prune_retained().await {
+                tracing::warn!(error = %e, "pruning retained logs failed");
+            }
+            if max_bytes == 0 {
+                continue;
+            }
             for rec in sandboxes {
                 let paths = agent.runtime.log_paths(&rec.id);
                 match crate::logs::enforce_limit(&paths, max_bytes).await {

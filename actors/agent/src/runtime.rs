@@ -46,6 +46,8 @@ const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/S
 /// How long a create may hold its lease if the agent dies mid-create.
 const CREATE_LEASE_LIFETIME: Duration = Duration::from_secs(600);
 const SIGTERM: u32 = 15;
+/// Directory under the log dir holding removed sandboxes' logs during retention.
+const RETAINED_DIR: &str = ".retained";
 const EXIT_TOPIC: &str = "/tasks/exit";
 /// Our own event, published to learn that a subscription is live.
 const MARKER_TOPIC: &str = "/fast-sandbox/subscribed";
@@ -151,12 +153,59 @@ pub struct LogPaths {
 pub struct ContainerdRuntime {
     cd: Containerd,
     log_dir: PathBuf,
+    log_retention: Duration,
 }
 
 impl ContainerdRuntime {
     /// A runtime writing sandbox logs under `log_dir/<sandbox id>/`.
     pub fn new(cd: Containerd, log_dir: PathBuf) -> Self {
-        Self { cd, log_dir }
+        Self {
+            cd,
+            log_dir,
+            log_retention: Duration::ZERO,
+        }
+    }
+
+    /// Keep a removed sandbox's logs for `retention` under `log_dir/.retained/<id>/`
+    /// (zero, the default, removes them with the sandbox). [`Self::prune_retained`]
+    /// deletes them once they are older.
+    pub fn with_log_retention(mut self, retention: Duration) -> Self {
+        self.log_retention = retention;
+        self
+    }
+
+    /// Where a removed sandbox's logs are kept during the retention period.
+    pub fn retained_log_dir(&self, id: &SandboxId) -> PathBuf {
+        self.log_dir.join(RETAINED_DIR).join(id.as_str())
+    }
+
+    /// Delete retained logs older than the retention period; returns how many went.
+    pub async fn prune_retained(&self) -> Result<usize, AgentError> {
+        let dir = self.log_dir.join(RETAINED_DIR);
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(AgentError::Internal(format!(
+                    "reading {}: {e}",
+                    dir.display()
+                )));
+            }
+        };
+        let mut pruned = 0;
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let age = entry
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age >= self.log_retention && tokio::fs::remove_dir_all(entry.path()).await.is_ok() {
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// The connection.
@@ -328,6 +377,21 @@ impl ContainerdRuntime {
         existed |= ok_if_missing(removed)?;
         self.cd.delete_lease(&sid).await?;
         let logs = self.log_paths(id);
+        if !self.log_retention.is_zero() && logs.dir.exists() {
+            let kept = self.retained_log_dir(id);
+            let moved = async {
+                tokio::fs::create_dir_all(self.log_dir.join(RETAINED_DIR)).await?;
+                let _ = tokio::fs::remove_dir_all(&kept).await;
+                tokio::fs::rename(&logs.dir, &kept).await?;
+                // The retention clock starts now, not at the last write.
+                tokio::fs::File::create(kept.join(".removed"))
+                    .await
+                    .map(|_| ())
+            };
+            if let Err(e) = moved.await {
+                tracing::warn!(sandbox = %id, error = %e, "keeping logs failed; removing them");
+            }
+        }
         match tokio::fs::remove_dir_all(&logs.dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -69,6 +69,9 @@ struct Config {
     /// Size bound of each sandbox log file, in bytes (0: unbounded).
     #[arg(long, env = "FSB_LOG_MAX_BYTES", default_value_t = fsb_agent::DEFAULT_LOG_MAX_BYTES)]
     log_max_bytes: u64,
+    /// Seconds a deleted sandbox's logs are kept (0: removed with it).
+    #[arg(long, env = "FSB_LOG_RETENTION_SECONDS", default_value_t = 0)]
+    log_retention_seconds: u64,
     /// Network namespace sandboxes join (default: the agent's own).
     #[arg(long, env = "FSB_NETNS")]
     netns: Option<PathBuf>,
@@ -185,6 +188,7 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
         stop_grace: Duration::from_secs(config.stop_grace_seconds),
         registry: RegistryOptions::default(),
         log_max_bytes: config.log_max_bytes,
+        log_retention: Duration::from_secs(config.log_retention_seconds),
     })
     .await?;
     // Dropped (and so stopped) when the server returns.
