@@ -193,8 +193,14 @@ impl BlobWriter {
         match writer.response("write content").await {
             Ok(stat) => {
                 if stat.offset != 0 {
-                    // A fresh ref never has data; start over rather than trust it.
                     writer.abort().await;
+                    // A concurrent load or pull of the same blob can make containerd
+                    // report the finished content on our fresh ref; if the blob is in
+                    // the store now, it is there for us too.
+                    if info(ctrd, &desc.digest).await?.is_some() {
+                        return Ok(Opened::Exists);
+                    }
+                    // Otherwise a fresh ref never has data; refuse to trust it.
                     return Err(AgentError::Internal(format!(
                         "content ingest {} unexpectedly at offset {}",
                         writer.reference, stat.offset
