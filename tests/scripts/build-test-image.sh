@@ -13,6 +13,8 @@
 set -euo pipefail
 
 IMAGE_REF="${FSB_TEST_IMAGE_REF:-docker.io/fsb/busybox:test}"
+# The image config's User (empty: root); a named user tests the agent's passwd lookup.
+IMAGE_USER="${FSB_TEST_IMAGE_USER:-}"
 BUSYBOX="${FSB_BUSYBOX:-/bin/busybox}"
 APPLETS=(sh ash echo cat sleep env ls id true false printf test "[" mkdir rm touch
   ps kill hostname uname pwd wc head tail grep sed sort tr cut date stat readlink
@@ -35,7 +37,7 @@ esac
 busybox_version="$(dpkg-query -W -f '${Version}' busybox-static 2>/dev/null || true)"
 [[ -n "$busybox_version" ]] || busybox_version="$(sha256sum "$BUSYBOX" | cut -c1-16)"
 script_hash="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
-key="busybox=${busybox_version} script=${script_hash} ref=${IMAGE_REF} arch=${arch}"
+key="busybox=${busybox_version} script=${script_hash} ref=${IMAGE_REF} user=${IMAGE_USER} arch=${arch}"
 
 if [[ -f "$out" && -f "$out.key" && "$(cat "$out.key")" == "$key" ]]; then
   echo "$IMAGE_REF"
@@ -79,8 +81,8 @@ layer_size="$(size "$layer")"
 
 # --- config and manifest ------------------------------------------------------------
 config="$work/config.json"
-printf '{"created":"%s","architecture":"%s","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created":"%s","created_by":"fast-sandbox tests/scripts/build-test-image.sh"}]}' \
-  "$EPOCH_ISO" "$arch" "$layer_digest" "$EPOCH_ISO" >"$config"
+printf '{"created":"%s","architecture":"%s","os":"linux","config":{"User":"%s","Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created":"%s","created_by":"fast-sandbox tests/scripts/build-test-image.sh"}]}' \
+  "$EPOCH_ISO" "$arch" "$IMAGE_USER" "$layer_digest" "$EPOCH_ISO" >"$config"
 config_digest="$(sha "$config")"
 config_size="$(size "$config")"
 

@@ -67,6 +67,10 @@ trap 'exit 143' TERM
 
 archive="$CACHE_DIR/fsb-busybox-test.oci.tar"
 ref="$("$SCRIPTS/build-test-image.sh" "$archive")"
+# The same rootfs with `User: nobody` in its config, for the agent's user lookup.
+archive_nobody="$CACHE_DIR/fsb-busybox-nobody.oci.tar"
+ref_nobody="$(FSB_TEST_IMAGE_REF=docker.io/fsb/busybox:nobody FSB_TEST_IMAGE_USER=nobody \
+  "$SCRIPTS/build-test-image.sh" "$archive_nobody")"
 
 CONTAINERD_STARTED=1
 "$SCRIPTS/containerd.sh" start
@@ -81,7 +85,9 @@ if ! ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images ls -q | grep 
   ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images ls -q >&2
   exit 1
 fi
-export FSB_TEST_IMAGE="$ref" FSB_TEST_IMAGE_ARCHIVE="$archive"
+ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images import \
+  --snapshotter overlayfs "$archive_nobody" >/dev/null
+export FSB_TEST_IMAGE="$ref" FSB_TEST_IMAGE_ARCHIVE="$archive" FSB_TEST_IMAGE_NOBODY="$ref_nobody"
 
 if [[ $registries -eq 1 ]]; then
   # Two local registries (plain HTTP; HTTPS + basic auth) holding the test image.

@@ -332,3 +332,28 @@ async fn log_files_are_kept_under_their_bound() {
     );
     agent.delete(id, Some(Duration::ZERO)).await.unwrap();
 }
+
+#[actix_rt::test]
+async fn named_image_users_are_looked_up_in_the_image() {
+    let env = ContainerdEnv::from_env();
+    let agent = AgentHandle::start(config(&env, 2, "agent-logs-f"))
+        .await
+        .unwrap();
+    let image =
+        std::env::var("FSB_TEST_IMAGE_NOBODY").expect("set by tests/scripts/with-containerd.sh");
+    let mut s = spec(&env, "as-nobody", &["sh", "-c", "id -u; id -g"], &[]);
+    s.image = fsb_core::ImageRef::parse("image", &image).unwrap();
+    let req = request(s);
+    let id = req.id.clone();
+    let mut changes = agent.subscribe().await.unwrap();
+    agent.create(req).await.unwrap();
+    phase_of(&mut changes, &id, SandboxPhase::Succeeded).await;
+    let out = tokio::fs::read_to_string(agent.runtime().log_paths(&id).stdout)
+        .await
+        .unwrap();
+    assert_eq!(
+        out, "65534\n65534\n",
+        "the image's `User: nobody` resolved through its /etc/passwd"
+    );
+    agent.delete(id, None).await.unwrap();
+}

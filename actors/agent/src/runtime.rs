@@ -22,7 +22,8 @@ use containerd_client::{
         containers_client::ContainersClient,
         events_client::EventsClient,
         snapshots::{
-            PrepareSnapshotRequest, RemoveSnapshotRequest, snapshots_client::SnapshotsClient,
+            PrepareSnapshotRequest, RemoveSnapshotRequest, ViewSnapshotRequest,
+            snapshots_client::SnapshotsClient,
         },
         tasks_client::TasksClient,
     },
@@ -336,6 +337,52 @@ impl ContainerdRuntime {
         })
     }
 
+    /// Read small files (e.g. `etc/passwd`) from an image's rootfs without running
+    /// anything: a view snapshot on the image's top layer, its layer directories read
+    /// top-down, then the view removed. Symlinks are not followed (they would resolve
+    /// on the host); a missing or non-regular file reads as `None`.
+    pub async fn read_image_files(
+        &self,
+        chain_id: &str,
+        paths: &[&str],
+    ) -> Result<Vec<Option<String>>, AgentError> {
+        let key = format!("fsb-view-{}", SandboxId::generate());
+        self.cd.create_lease(&key, CREATE_LEASE_LIFETIME).await?;
+        let view = ViewSnapshotRequest {
+            snapshotter: SNAPSHOTTER.to_owned(),
+            key: key.clone(),
+            parent: chain_id.to_owned(),
+            labels: HashMap::new(),
+        };
+        let mounts = self
+            .cd
+            .call(
+                "view snapshot",
+                SnapshotsClient::new(self.cd.channel()).view(self.cd.leased_request(view, &key)?),
+            )
+            .await;
+        let result = mounts.map(|m| {
+            let dirs = layer_dirs(&m.mounts);
+            paths.iter().map(|p| read_from_layers(&dirs, p)).collect()
+        });
+        let remove = RemoveSnapshotRequest {
+            snapshotter: SNAPSHOTTER.to_owned(),
+            key: key.clone(),
+        };
+        let removed = self
+            .cd
+            .call(
+                "remove view",
+                SnapshotsClient::new(self.cd.channel()).remove(self.cd.request(remove)),
+            )
+            .await;
+        if let Err(e) = removed {
+            tracing::warn!(view = %key, error = %e, "removing image view failed; its lease expires it");
+        }
+        self.cd.delete_lease(&key).await?;
+        result
+    }
+
     /// Stop and remove a sandbox: SIGTERM, up to `grace` for it to exit, SIGKILL, then
     /// task, container, snapshot, lease and log files. Returns whether anything
     /// existed; removing a missing sandbox is not an error.
@@ -602,6 +649,41 @@ impl ContainerdRuntime {
             })
         }))
     }
+}
+
+/// The directories of a view's layers, top-most first: a bind mount (one layer) or an
+/// overlay's `lowerdir=top:...:bottom`.
+fn layer_dirs(mounts: &[Mount]) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for m in mounts {
+        match m.r#type.as_str() {
+            "bind" => dirs.push(PathBuf::from(&m.source)),
+            "overlay" => {
+                for opt in &m.options {
+                    if let Some(lower) = opt.strip_prefix("lowerdir=") {
+                        dirs.extend(lower.split(':').map(PathBuf::from));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    dirs
+}
+
+fn read_from_layers(dirs: &[PathBuf], relative: &str) -> Option<String> {
+    for dir in dirs {
+        let path = dir.join(relative.trim_start_matches('/'));
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_file() && meta.len() <= 1 << 20 => {
+                return std::fs::read_to_string(&path).ok();
+            }
+            // A symlink, a directory, or too large: do not trust it.
+            Ok(_) => return None,
+            Err(_) => continue,
+        }
+    }
+    None
 }
 
 fn task_state(status: i32, exit_status: u32) -> TaskState {

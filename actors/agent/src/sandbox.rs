@@ -109,8 +109,16 @@ async fn start(
 
     let t = Instant::now();
     let config = ImageConfig::from_oci_config_json(&image.config_json)?;
-    // Named users need the image's /etc/passwd; numeric ones (and root) resolve here.
-    let user = oci::resolve_user(&config.user, None, None)?;
+    // Numeric users (and root) resolve alone; names need the image's passwd and group.
+    let user = match oci::resolve_user(&config.user, None, None) {
+        Ok(user) => user,
+        Err(_) => {
+            let files = runtime
+                .read_image_files(&image.chain_id, &["etc/passwd", "etc/group"])
+                .await?;
+            oci::resolve_user(&config.user, files[0].as_deref(), files[1].as_deref())?
+        }
+    };
     let spec = oci::build_spec(&SpecInput {
         sandbox_id: &id,
         spec: &msg.spec,
