@@ -8,7 +8,8 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use actix::{
-    Actor, ActorFutureExt, Addr, Context, Handler, MessageResult, ResponseActFuture, WrapFuture,
+    Actor, ActorFutureExt, Addr, Context, Handler, MessageResult, ResponseActFuture, Supervisor,
+    WrapFuture,
 };
 use fsb_core::{
     AgentId, HostPort, SandboxId,
@@ -83,13 +84,13 @@ impl AgentActor {
         self.children
             .entry(id.clone())
             .or_insert_with(|| {
-                SandboxActor::new(
+                let (id, runtime, images, network) = (
                     id.clone(),
                     self.runtime.clone(),
                     self.images.clone(),
                     self.network.clone(),
-                )
-                .start()
+                );
+                Supervisor::start(move |_| SandboxActor::new(id, runtime, images, network))
             })
             .clone()
     }

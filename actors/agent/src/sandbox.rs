@@ -8,7 +8,9 @@
 
 use std::{sync::Arc, time::Instant};
 
-use actix::{Actor, ActorFutureExt, AtomicResponse, Context, Handler, WrapFuture};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AtomicResponse, Context, Handler, Supervised, WrapFuture,
+};
 use fsb_core::SandboxId;
 
 use crate::{
@@ -56,6 +58,16 @@ impl Actor for SandboxActor {
     type Context = Context<Self>;
 }
 
+/// Runs under an actix `Supervisor`: a failed stop leaves the sandbox in an unknown
+/// state, so the actor stops and is restarted with nothing cached; the next delete
+/// acts on what containerd holds.
+impl Supervised for SandboxActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        tracing::warn!(sandbox = %self.id, "sandbox actor restarting after a failed stop");
+        self.started = None;
+    }
+}
+
 impl Handler<Start> for SandboxActor {
     type Result = AtomicResponse<Self, Result<CreatedSandbox, AgentError>>;
 
@@ -86,9 +98,10 @@ impl Handler<Stop> for SandboxActor {
     fn handle(&mut self, msg: Stop, _ctx: &mut Self::Context) -> Self::Result {
         let (id, runtime) = (self.id.clone(), self.runtime.clone());
         let work = async move { runtime.remove(&id, msg.grace).await };
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(|result, act, _ctx| {
-            if result.is_ok() {
-                act.started = None;
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|result, act, ctx| {
+            match &result {
+                Ok(_) => act.started = None,
+                Err(_) => ctx.stop(),
             }
             result
         })))
