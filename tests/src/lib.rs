@@ -19,11 +19,13 @@
 //! Invariant: every helper returns errors (`anyhow`) instead of panicking, except
 //! [`ContainerdEnv::from_env`], whose panic tells the reader how to run the suite.
 
+pub mod agent;
 pub mod containerd;
 pub mod image;
 pub mod spec;
 pub mod wait;
 
+pub use agent::{agent_config, container_runtime, containerd_config, shell_plan};
 pub use containerd::{ContainerdEnv, RUNC_SHIM, RuncOptions, TestRuntime};
 pub use image::{ResolvedImage, chain_id, read_content, resolve_image};
 pub use spec::minimal_oci_spec;

@@ -6,16 +6,11 @@
 
 #![allow(clippy::unwrap_used)] // helpers below are test code too
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use fsb_agent::{
-    AgentConfig, AgentHandle, CreateSandbox, PhaseChange, SandboxPhase,
-    containerd::{ContainerdConfig, DEFAULT_CALL_TIMEOUT},
-    image::RegistryOptions,
-    oci::NetworkMode,
-};
+use fsb_agent::{AgentConfig, AgentHandle, CreateSandbox, PhaseChange, SandboxPhase};
 use fsb_core::{
-    AgentId, SandboxId,
+    SandboxId,
     spec::{Runtime, SandboxSpec, SpecLimits, ValidSpec},
 };
 use fsb_tests::{ContainerdEnv, wait_until};
@@ -24,28 +19,8 @@ use tokio::sync::broadcast;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Each test runs its own agent (`agent`), sharing the harness's containerd.
-fn config(env: &ContainerdEnv, capacity: u32, agent: &str) -> AgentConfig {
-    AgentConfig {
-        agent_id: AgentId::from(agent),
-        containerd: ContainerdConfig {
-            socket: env.socket.clone(),
-            namespace: env.namespace.clone(),
-            call_timeout: DEFAULT_CALL_TIMEOUT,
-            runtime_root: env.runtime_root.clone(),
-            runsc_binary: env.runsc.clone(),
-        },
-        log_dir: env.run_dir.join("agent-logs").join(agent),
-        capacity,
-        network: NetworkMode::Join(PathBuf::from(format!(
-            "/proc/{}/ns/net",
-            std::process::id()
-        ))),
-        default_runtime: Runtime::Runc,
-        stop_grace: Duration::from_secs(5),
-        registry: RegistryOptions::default(),
-        log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
-        log_retention: std::time::Duration::ZERO,
-    }
+fn cfg(env: &ContainerdEnv, capacity: u32, agent: &str) -> AgentConfig {
+    fsb_tests::agent_config(env, agent, capacity)
 }
 
 fn spec(env: &ContainerdEnv, name: &str, command: &[&str], args: &[&str]) -> ValidSpec {
@@ -96,7 +71,7 @@ async fn phase_of(
 #[actix_rt::test]
 async fn env_workdir_and_exit_codes_reach_the_agent_on_every_runtime() {
     let env = ContainerdEnv::from_env();
-    let agent = AgentHandle::start(config(&env, 10, "agent-logs-a"))
+    let agent = AgentHandle::start(cfg(&env, 10, "agent-logs-a"))
         .await
         .unwrap();
     for runtime in [Runtime::Runc, Runtime::Crun, Runtime::Gvisor] {
@@ -138,7 +113,7 @@ async fn env_workdir_and_exit_codes_reach_the_agent_on_every_runtime() {
 #[actix_rt::test]
 async fn command_and_args_follow_kubernetes_semantics() {
     let env = ContainerdEnv::from_env();
-    let agent = AgentHandle::start(config(&env, 10, "agent-logs-b"))
+    let agent = AgentHandle::start(cfg(&env, 10, "agent-logs-b"))
         .await
         .unwrap();
     // (command, args, expected stdout); the test image has no ENTRYPOINT and CMD ["sh"].
@@ -166,7 +141,7 @@ async fn command_and_args_follow_kubernetes_semantics() {
 #[actix_rt::test]
 async fn admission_and_a_new_agent_rebuilds_from_containerd() {
     let env = ContainerdEnv::from_env();
-    let first = AgentHandle::start(config(&env, 2, "agent-logs-c"))
+    let first = AgentHandle::start(cfg(&env, 2, "agent-logs-c"))
         .await
         .unwrap();
     let mut ids = Vec::new();
@@ -184,7 +159,7 @@ async fn admission_and_a_new_agent_rebuilds_from_containerd() {
     assert!(full.to_string().contains("full"), "{full}");
 
     // A second agent on the same containerd knows only what containerd holds.
-    let second = AgentHandle::start(config(&env, 2, "agent-logs-c"))
+    let second = AgentHandle::start(cfg(&env, 2, "agent-logs-c"))
         .await
         .unwrap();
     let inventory = second.inventory().await.unwrap();
@@ -213,7 +188,7 @@ async fn admission_and_a_new_agent_rebuilds_from_containerd() {
 #[actix_rt::test]
 async fn two_hundred_concurrent_sandboxes_leave_nothing_behind() {
     let env = ContainerdEnv::from_env();
-    let agent = AgentHandle::start(config(&env, 200, "agent-logs-d"))
+    let agent = AgentHandle::start(cfg(&env, 200, "agent-logs-d"))
         .await
         .unwrap();
     let reqs: Vec<CreateSandbox> = (0..200)
@@ -287,7 +262,7 @@ async fn two_hundred_concurrent_sandboxes_leave_nothing_behind() {
 #[actix_rt::test]
 async fn log_files_are_kept_under_their_bound() {
     let env = ContainerdEnv::from_env();
-    let mut cfg = config(&env, 2, "agent-logs-e");
+    let mut cfg = cfg(&env, 2, "agent-logs-e");
     cfg.log_max_bytes = 64 * 1024;
     let agent = AgentHandle::start(cfg).await.unwrap();
     // ~1 MiB of output at once, then the process stays.
@@ -336,7 +311,7 @@ async fn log_files_are_kept_under_their_bound() {
 #[actix_rt::test]
 async fn named_image_users_are_looked_up_in_the_image() {
     let env = ContainerdEnv::from_env();
-    let agent = AgentHandle::start(config(&env, 2, "agent-logs-f"))
+    let agent = AgentHandle::start(cfg(&env, 2, "agent-logs-f"))
         .await
         .unwrap();
     let image =

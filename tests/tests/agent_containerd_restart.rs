@@ -5,18 +5,15 @@
 
 #![allow(clippy::unwrap_used)] // helpers below are test code too
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use fsb_agent::{
-    AgentConfig, AgentHandle, CreateSandbox, SandboxPhase,
-    containerd::{ContainerdConfig, DEFAULT_CALL_TIMEOUT},
+    AgentHandle, CreateSandbox, SandboxPhase,
     exec::{self, ExecOutput, ExecRequest},
-    image::RegistryOptions,
-    oci::NetworkMode,
 };
 use fsb_core::{
-    AgentId, SandboxId,
-    spec::{Runtime, SandboxSpec, SpecLimits},
+    SandboxId,
+    spec::{SandboxSpec, SpecLimits},
 };
 use fsb_tests::ContainerdEnv;
 use futures::StreamExt;
@@ -26,26 +23,10 @@ const DEADLINE: Duration = Duration::from_secs(30);
 #[actix_rt::test]
 async fn the_agent_survives_a_containerd_restart() {
     let env = ContainerdEnv::from_env();
-    let agent = AgentHandle::start(AgentConfig {
-        agent_id: AgentId::from("restart-agent"),
-        containerd: ContainerdConfig {
-            socket: env.socket.clone(),
-            namespace: env.namespace.clone(),
-            call_timeout: DEFAULT_CALL_TIMEOUT,
-            runtime_root: env.runtime_root.clone(),
-            runsc_binary: env.runsc.clone(),
-        },
-        log_dir: env.run_dir.join("agent-logs/restart-agent"),
-        capacity: 4,
-        network: NetworkMode::Join(PathBuf::from(format!(
-            "/proc/{}/ns/net",
-            std::process::id()
-        ))),
-        default_runtime: Runtime::Runc,
-        stop_grace: Duration::from_secs(1),
-        registry: RegistryOptions::default(),
-        log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
-        log_retention: std::time::Duration::ZERO,
+    let agent = AgentHandle::start({
+        let mut config = fsb_tests::agent_config(&env, "restart-agent", 4);
+        config.stop_grace = Duration::from_secs(1);
+        config
     })
     .await
     .unwrap();

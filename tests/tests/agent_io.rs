@@ -9,57 +9,16 @@ use std::time::Duration;
 
 use fsb_agent::{
     AgentError,
-    containerd::{Containerd, ContainerdConfig, DEFAULT_CALL_TIMEOUT},
     exec::{ExecOutput, ExecRequest, ExecSession, exec},
     logs::{LogOptions, LogStream, stream_logs},
-    runtime::{ContainerPlan, ContainerdRuntime},
 };
 use fsb_core::{ErrorCode, HasErrorCode, SandboxId, spec::Runtime};
-use fsb_tests::{ContainerdEnv, minimal_oci_spec, resolve_image};
+use fsb_tests::ContainerdEnv;
 use futures::StreamExt;
 use tokio::{io::AsyncWriteExt, sync::watch};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const RUNTIMES: [Runtime; 3] = [Runtime::Runc, Runtime::Crun, Runtime::Gvisor];
-
-async fn runtime(env: &ContainerdEnv) -> ContainerdRuntime {
-    let cd = Containerd::connect(ContainerdConfig {
-        socket: env.socket.clone(),
-        namespace: env.namespace.clone(),
-        call_timeout: DEFAULT_CALL_TIMEOUT,
-        runtime_root: env.runtime_root.clone(),
-        runsc_binary: env.runsc.clone(),
-    })
-    .await
-    .unwrap();
-    ContainerdRuntime::new(cd, env.run_dir.join("agent-logs"))
-}
-
-async fn plan(
-    env: &ContainerdEnv,
-    rt: &ContainerdRuntime,
-    runtime: Runtime,
-    script: &str,
-) -> ContainerPlan {
-    let channel = rt.containerd().channel();
-    let image = resolve_image(env, &channel, &env.image).await.unwrap();
-    let id = SandboxId::generate();
-    let spec = minimal_oci_spec(
-        id.as_str(),
-        &["sh", "-c", script],
-        &image.env(),
-        "/",
-        &env.namespace,
-    );
-    ContainerPlan {
-        id,
-        image: image.name.clone(),
-        parent_snapshot: image.chain_id.clone(),
-        labels: [("fast-sandbox.io/namespace".to_owned(), "default".to_owned())].into(),
-        runtime,
-        spec_json: serde_json::to_vec(&spec).unwrap(),
-    }
-}
 
 /// stdout, stderr and the last item of an exec's output.
 async fn finish(session: ExecSession) -> (String, String, Result<i32, AgentError>) {
@@ -93,16 +52,17 @@ fn args(a: &[&str]) -> Vec<String> {
 #[tokio::test]
 async fn logs_follow_until_exit_and_tail_on_every_runtime() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
     for runtime in RUNTIMES {
         let mut exits = Box::pin(rt.exits().await.unwrap());
-        let plan = plan(
+        let plan = fsb_tests::shell_plan(
             &env,
             &rt,
             runtime,
             "echo Log-Line-1; echo Err-Line >&2; sleep 0.3; echo Log-Line-2",
         )
-        .await;
+        .await
+        .unwrap();
         let id = plan.id.clone();
         rt.create(&plan)
             .await
@@ -171,9 +131,11 @@ async fn logs_follow_until_exit_and_tail_on_every_runtime() {
 #[tokio::test]
 async fn exec_on_every_runtime() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
     for runtime in RUNTIMES {
-        let plan = plan(&env, &rt, runtime, "while :; do sleep 1; done").await;
+        let plan = fsb_tests::shell_plan(&env, &rt, runtime, "while :; do sleep 1; done")
+            .await
+            .unwrap();
         let id = plan.id.clone();
         rt.create(&plan)
             .await
@@ -251,8 +213,10 @@ async fn exec_on_every_runtime() {
 #[tokio::test]
 async fn exec_with_a_terminal() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
-    let plan = plan(&env, &rt, Runtime::Runc, "while :; do sleep 1; done").await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    let plan = fsb_tests::shell_plan(&env, &rt, Runtime::Runc, "while :; do sleep 1; done")
+        .await
+        .unwrap();
     let id = plan.id.clone();
     rt.create(&plan).await.unwrap();
     let mut session = exec(
@@ -288,8 +252,10 @@ async fn exec_with_a_terminal() {
 #[tokio::test]
 async fn dropping_the_output_kills_the_exec() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
-    let plan = plan(&env, &rt, Runtime::Runc, "while :; do sleep 1; done").await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    let plan = fsb_tests::shell_plan(&env, &rt, Runtime::Runc, "while :; do sleep 1; done")
+        .await
+        .unwrap();
     let id = plan.id.clone();
     rt.create(&plan).await.unwrap();
     let session = exec(
@@ -320,7 +286,7 @@ async fn dropping_the_output_kills_the_exec() {
 #[tokio::test]
 async fn exec_into_a_missing_sandbox_is_not_found() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
     let err = exec(
         &rt,
         &SandboxId::generate(),

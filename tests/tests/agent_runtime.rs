@@ -10,54 +10,12 @@ use std::time::Duration;
 use containerd_client::services::v1::snapshots::{
     StatSnapshotRequest, snapshots_client::SnapshotsClient,
 };
-use fsb_agent::{
-    containerd::{Containerd, ContainerdConfig, DEFAULT_CALL_TIMEOUT},
-    runtime::{ContainerPlan, ContainerdRuntime, Exit, TaskState},
-};
-use fsb_core::{SandboxId, spec::Runtime};
-use fsb_tests::{ContainerdEnv, minimal_oci_spec, resolve_image, wait_until};
+use fsb_agent::runtime::{ContainerdRuntime, Exit, TaskState};
+use fsb_core::spec::Runtime;
+use fsb_tests::{ContainerdEnv, minimal_oci_spec, wait_until};
 use futures::StreamExt;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-async fn runtime(env: &ContainerdEnv) -> ContainerdRuntime {
-    let cd = Containerd::connect(ContainerdConfig {
-        socket: env.socket.clone(),
-        namespace: env.namespace.clone(),
-        call_timeout: DEFAULT_CALL_TIMEOUT,
-        runtime_root: env.runtime_root.clone(),
-        runsc_binary: env.runsc.clone(),
-    })
-    .await
-    .unwrap();
-    ContainerdRuntime::new(cd, env.run_dir.join("agent-logs"))
-}
-
-async fn plan(
-    env: &ContainerdEnv,
-    rt: &ContainerdRuntime,
-    runtime: Runtime,
-    script: &str,
-) -> ContainerPlan {
-    let channel = rt.containerd().channel();
-    let image = resolve_image(env, &channel, &env.image).await.unwrap();
-    let id = SandboxId::generate();
-    let spec = minimal_oci_spec(
-        id.as_str(),
-        &["sh", "-c", script],
-        &image.env(),
-        "/",
-        &env.namespace,
-    );
-    ContainerPlan {
-        id,
-        image: image.name.clone(),
-        parent_snapshot: image.chain_id.clone(),
-        labels: [("fast-sandbox.io/namespace".to_owned(), "default".to_owned())].into(),
-        runtime,
-        spec_json: serde_json::to_vec(&spec).unwrap(),
-    }
-}
 
 async fn snapshot_exists(rt: &ContainerdRuntime, key: &str) -> bool {
     let req = rt.containerd().request(StatSnapshotRequest {
@@ -81,11 +39,13 @@ async fn read(path: &std::path::Path) -> String {
 #[tokio::test]
 async fn lifecycle_on_every_runtime() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
     for runtime in [Runtime::Runc, Runtime::Crun, Runtime::Gvisor] {
         let mut exits = Box::pin(rt.exits().await.unwrap());
         let script = "echo out; echo err >&2; trap 'echo got-term; exit 7' TERM; while :; do sleep 0.05; done";
-        let plan = plan(&env, &rt, runtime, script).await;
+        let plan = fsb_tests::shell_plan(&env, &rt, runtime, script)
+            .await
+            .unwrap();
         let id = plan.id.clone();
         let started = rt
             .create(&plan)
@@ -147,9 +107,11 @@ async fn lifecycle_on_every_runtime() {
 #[tokio::test]
 async fn exits_are_detected_with_their_code() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
     let mut exits = Box::pin(rt.exits().await.unwrap());
-    let plan = plan(&env, &rt, Runtime::Runc, "echo bye; exit 3").await;
+    let plan = fsb_tests::shell_plan(&env, &rt, Runtime::Runc, "echo bye; exit 3")
+        .await
+        .unwrap();
     let id = plan.id.clone();
     rt.create(&plan).await.unwrap();
     let exit = tokio::time::timeout(DEADLINE, async {
@@ -173,8 +135,10 @@ async fn exits_are_detected_with_their_code() {
 #[tokio::test]
 async fn a_failed_create_leaves_nothing() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
-    let mut plan = plan(&env, &rt, Runtime::Runc, "true").await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    let mut plan = fsb_tests::shell_plan(&env, &rt, Runtime::Runc, "true")
+        .await
+        .unwrap();
     let spec = minimal_oci_spec(
         plan.id.as_str(),
         &["/no/such/binary"],
@@ -192,7 +156,9 @@ async fn a_failed_create_leaves_nothing() {
     assert!(!snapshot_exists(&rt, plan.id.as_str()).await);
     assert!(!rt.log_paths(&plan.id).dir.exists());
 
-    let mut bad_parent = self::plan(&env, &rt, Runtime::Runc, "true").await;
+    let mut bad_parent = fsb_tests::shell_plan(&env, &rt, Runtime::Runc, "true")
+        .await
+        .unwrap();
     bad_parent.parent_snapshot = format!("sha256:{}", "0".repeat(64));
     assert!(rt.create(&bad_parent).await.is_err());
     assert!(
@@ -208,16 +174,18 @@ async fn a_failed_create_leaves_nothing() {
 #[tokio::test]
 async fn a_new_runtime_finds_the_running_sandboxes() {
     let env = ContainerdEnv::from_env();
-    let first = runtime(&env).await;
+    let first = fsb_tests::container_runtime(&env).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let plan = plan(&env, &first, Runtime::Runc, "while :; do sleep 1; done").await;
+        let plan = fsb_tests::shell_plan(&env, &first, Runtime::Runc, "while :; do sleep 1; done")
+            .await
+            .unwrap();
         first.create(&plan).await.unwrap();
         ids.push(plan.id);
     }
     drop(first);
     // A fresh connection knows nothing but what containerd holds (labels, tasks).
-    let second = runtime(&env).await;
+    let second = fsb_tests::container_runtime(&env).await.unwrap();
     let found = second.list(None).await.unwrap();
     for id in &ids {
         let s = found
@@ -244,8 +212,10 @@ async fn a_new_runtime_finds_the_running_sandboxes() {
 #[tokio::test]
 async fn a_repeated_create_never_destroys_the_first() {
     let env = ContainerdEnv::from_env();
-    let rt = runtime(&env).await;
-    let plan = plan(&env, &rt, Runtime::Runc, "while :; do sleep 1; done").await;
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    let plan = fsb_tests::shell_plan(&env, &rt, Runtime::Runc, "while :; do sleep 1; done")
+        .await
+        .unwrap();
     rt.create(&plan).await.unwrap();
     let again = rt.create(&plan).await.expect_err("same id twice");
     assert!(again.is_already_exists(), "{again}");
@@ -260,10 +230,13 @@ async fn a_repeated_create_never_destroys_the_first() {
 #[tokio::test]
 async fn logs_are_retained_when_asked_and_pruned_after() {
     let env = ContainerdEnv::from_env();
-    let kept = runtime(&env)
+    let kept = fsb_tests::container_runtime(&env)
         .await
+        .unwrap()
         .with_log_retention(Duration::from_secs(3600));
-    let plan = plan(&env, &kept, Runtime::Runc, "echo keep-me; sleep 600").await;
+    let plan = fsb_tests::shell_plan(&env, &kept, Runtime::Runc, "echo keep-me; sleep 600")
+        .await
+        .unwrap();
     kept.create(&plan).await.unwrap();
     let logs = kept.log_paths(&plan.id);
     wait_until("output", DEADLINE, || async {
@@ -280,8 +253,9 @@ async fn logs_are_retained_when_asked_and_pruned_after() {
     );
     assert_eq!(kept.prune_retained().await.unwrap(), 0, "not yet expired");
     // The same directory seen by a runtime with a zero retention is past it.
-    let strict = runtime(&env)
+    let strict = fsb_tests::container_runtime(&env)
         .await
+        .unwrap()
         .with_log_retention(Duration::from_nanos(1));
     assert!(strict.prune_retained().await.unwrap() >= 1);
     assert!(!retained.exists());

@@ -13,21 +13,16 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use fsb_agent::{
-    AgentConfig, AgentHandle, CreateSandbox, SessionConfig, SessionTask,
-    containerd::{ContainerdConfig, DEFAULT_CALL_TIMEOUT},
-    image::RegistryOptions,
-    oci::NetworkMode,
-    spawn_session,
+    AgentConfig, AgentHandle, CreateSandbox, SessionConfig, SessionTask, spawn_session,
 };
 use fsb_core::{
-    AgentId, SandboxId,
-    spec::{Runtime, SandboxSpec, SpecLimits},
+    SandboxId,
+    spec::{SandboxSpec, SpecLimits},
 };
 use fsb_proto::{
     agent::v1::{
@@ -165,28 +160,10 @@ fn inventory_phase(inv: &Inventory, id: &SandboxId) -> Option<Phase> {
         .map(|s| s.phase())
 }
 
-fn agent_config(env: &ContainerdEnv, agent: &str) -> AgentConfig {
-    AgentConfig {
-        agent_id: AgentId::from(agent),
-        containerd: ContainerdConfig {
-            socket: env.socket.clone(),
-            namespace: env.namespace.clone(),
-            call_timeout: DEFAULT_CALL_TIMEOUT,
-            runtime_root: env.runtime_root.clone(),
-            runsc_binary: env.runsc.clone(),
-        },
-        log_dir: env.run_dir.join("agent-logs").join(agent),
-        capacity: 7,
-        network: NetworkMode::Join(PathBuf::from(format!(
-            "/proc/{}/ns/net",
-            std::process::id()
-        ))),
-        default_runtime: Runtime::Runc,
-        stop_grace: Duration::from_secs(1),
-        registry: RegistryOptions::default(),
-        log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
-        log_retention: std::time::Duration::ZERO,
-    }
+fn session_agent_config(env: &ContainerdEnv, agent: &str) -> AgentConfig {
+    let mut config = fsb_tests::agent_config(env, agent, 7);
+    config.stop_grace = Duration::from_secs(1);
+    config
 }
 
 fn session_config(addr: SocketAddr, agent: &str) -> SessionConfig {
@@ -211,7 +188,7 @@ fn session_config(addr: SocketAddr, agent: &str) -> SessionConfig {
 async fn session_registers_reports_and_survives_a_controller_restart() {
     let env = ContainerdEnv::from_env();
     let agent_id = format!("agent-session-{}", &fsb_tests::unique_id()[..8]);
-    let agent = AgentHandle::start(agent_config(&env, &agent_id))
+    let agent = AgentHandle::start(session_agent_config(&env, &agent_id))
         .await
         .unwrap();
 

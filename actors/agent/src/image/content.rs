@@ -192,6 +192,28 @@ impl BlobWriter {
         };
         match writer.response("write content").await {
             Ok(stat) => {
+                if stat.offset != 0 && stat.offset == desc.size {
+                    // containerd already holds these bytes (another namespace, or a
+                    // blob its metadata had dropped): committing our ref records them
+                    // here without sending them again.
+                    let msg = WriteContentRequest {
+                        action: WriteAction::Commit as i32,
+                        r#ref: writer.reference.clone(),
+                        total: desc.size,
+                        expected: desc.digest.clone(),
+                        offset: desc.size,
+                        ..WriteContentRequest::default()
+                    };
+                    writer.send(msg).await?;
+                    return match writer.response("commit shared content").await {
+                        Ok(_) => Ok(Opened::Exists),
+                        Err(e) if e.is_already_exists() => Ok(Opened::Exists),
+                        Err(e) => {
+                            writer.abort().await;
+                            Err(e)
+                        }
+                    };
+                }
                 if stat.offset != 0 {
                     writer.abort().await;
                     // A concurrent load or pull of the same blob can make containerd
