@@ -8,6 +8,9 @@
 
 use std::time::Duration;
 
+use containerd_client::services::v1::snapshots::{
+    StatSnapshotRequest, snapshots_client::SnapshotsClient,
+};
 use fsb_agent::{AgentConfig, AgentHandle, CreateSandbox, PhaseChange, SandboxPhase};
 use fsb_core::{
     SandboxId,
@@ -254,8 +257,21 @@ async fn two_hundred_concurrent_sandboxes_leave_nothing_behind() {
     })
     .await;
     assert!(shims.is_ok(), "a shim outlived its sandbox");
+    let mut snapshots = SnapshotsClient::new(agent.runtime().containerd().channel());
     for id in &ids {
         assert!(!agent.runtime().log_paths(id).dir.exists());
+        let stat = StatSnapshotRequest {
+            snapshotter: "overlayfs".into(),
+            key: id.to_string(),
+        };
+        let found = snapshots
+            .stat(agent.runtime().containerd().request(stat))
+            .await;
+        assert_eq!(
+            found.unwrap_err().code(),
+            tonic::Code::NotFound,
+            "snapshot of {id} left behind"
+        );
     }
 }
 
