@@ -1,6 +1,7 @@
 //! A minimal but valid OCI runtime spec for tests that drive containerd without the
 //! agent's own spec builder (the smoke test, runtime-level tests).
 
+use fsb_agent::oci::{DEFAULT_CAPABILITIES, MASKED_PATHS, READONLY_PATHS};
 use serde_json::{Value, json};
 
 /// A minimal valid OCI runtime spec: new pid/ipc/uts/mount namespaces, the host
@@ -12,23 +13,8 @@ pub fn minimal_oci_spec(
     cwd: &str,
     namespace: &str,
 ) -> Value {
-    // The capability set containerd and Docker give by default.
-    let caps = [
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FSETID",
-        "CAP_FOWNER",
-        "CAP_MKNOD",
-        "CAP_NET_RAW",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETFCAP",
-        "CAP_SETPCAP",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_SYS_CHROOT",
-        "CAP_KILL",
-        "CAP_AUDIT_WRITE",
-    ];
+    // The capability set containerd and Docker give by default, as the agent uses it.
+    let caps = DEFAULT_CAPABILITIES;
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -67,14 +53,8 @@ pub fn minimal_oci_spec(
             ],
             "cgroupsPath": format!("/{namespace}/{id}"),
             "resources": { "devices": [{ "allow": false, "access": "rwm" }] },
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-                "/sys/firmware"
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
-            ]
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS
         }
     })
 }
