@@ -1,6 +1,7 @@
 //! fsb-proto: the gRPC contracts, generated from `proto/**/*.proto`; no logic.
 //!
-//! - [`fastpath::v1`]: the public API (Create, Delete, Get, List, Update, Watch, Exec, Logs).
+//! - [`fastpath::v1`]: the public API (Create, Delete, Get, List, Update, Watch, Exec, Logs)
+//!   and `Images` (Pull, Load, List).
 //! - [`agent::v1`]: controller <-> agent (Session, the agent's connect stream; CreateSandbox, DeleteSandbox,
 //!   Exec, Logs, Stats).
 //! - [`standard_services`]: gRPC health and reflection, served by every server we run.
@@ -32,8 +33,9 @@ pub mod agent {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fsb_descriptor");
 
 /// Fully qualified names of our services, as health and reflection list them.
-pub const SERVICE_NAMES: [&str; 3] = [
+pub const SERVICE_NAMES: [&str; 4] = [
     "fastpath.v1.FastPath",
+    "fastpath.v1.Images",
     "agent.v1.AgentControl",
     "agent.v1.Agent",
 ];

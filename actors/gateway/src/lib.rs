@@ -1,0 +1,1 @@
+//! fsb-gateway: the fast path.

@@ -1,0 +1,3 @@
+//! fsb: run local mode and talk to the fast path.
+
+fn main() {}
