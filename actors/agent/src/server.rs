@@ -21,7 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{AgentHandle, CreateSandbox, SandboxPhase, exec, logs};
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+/// A boxed stream of gRPC results.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// `agent.v1.Agent` over an [`AgentHandle`].
 #[derive(Clone, Debug)]
@@ -34,6 +35,143 @@ impl AgentService {
     /// Serve `agent`; `limits` carries the agent's own port (never given to sandboxes).
     pub fn new(agent: AgentHandle, limits: SpecLimits) -> Self {
         Self { agent, limits }
+    }
+
+    /// Exec over any request stream: the gRPC method's, or the gateway's in-process
+    /// proxy in local mode. The first message must be `start`.
+    pub async fn exec_stream<S>(&self, mut input: S) -> Result<BoxStream<ExecResponse>, Status>
+    where
+        S: Stream<Item = Result<ExecRequest, Status>> + Send + Unpin + 'static,
+    {
+        use fsb_proto::agent::v1::exec_request::Msg;
+        use fsb_proto::fastpath::v1::exec_response::Msg as Out;
+        use tokio::io::AsyncWriteExt;
+
+        let start = match input.next().await.transpose()? {
+            Some(ExecRequest {
+                msg: Some(Msg::Start(start)),
+            }) => start,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "exec: the first message must be `start`",
+                ));
+            }
+        };
+        let id =
+            SandboxId::parse("start.sandbox_id", &start.sandbox_id).map_err(|e| to_status(&e))?;
+        if start.command.is_empty() {
+            return Err(Status::invalid_argument("start.command: must not be empty"));
+        }
+        let session = exec::exec(
+            self.agent.runtime(),
+            &id,
+            exec::ExecRequest {
+                args: start.command,
+                env: start
+                    .envs
+                    .into_iter()
+                    .map(|e| format!("{}={}", e.name, e.value))
+                    .collect(),
+                cwd: (!start.working_dir.is_empty()).then_some(start.working_dir),
+                tty: start.tty,
+                stdin: start.stdin,
+                timeout: None,
+            },
+        )
+        .await
+        .map_err(|e| to_status(&e))?;
+        let exec::ExecSession {
+            mut stdin,
+            output,
+            resize,
+            ..
+        } = session;
+
+        // Client -> process: stdin bytes, close, resize. Ends with the client's stream.
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = input.next().await {
+                match msg.msg {
+                    Some(Msg::Stdin(bytes)) => {
+                        if let Some(w) = stdin.as_mut()
+                            && w.write_all(&bytes).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Some(Msg::CloseStdin(true)) => {
+                        if let Some(w) = stdin.take() {
+                            let _ = w.close().await;
+                        }
+                    }
+                    Some(Msg::Resize(size)) => {
+                        if let Some(r) = &resize {
+                            let _ = r.resize(size.cols, size.rows).await;
+                        }
+                    }
+                    Some(Msg::Start(_)) | Some(Msg::CloseStdin(false)) | None => {}
+                }
+            }
+            if let Some(w) = stdin.take() {
+                let _ = w.close().await;
+            }
+        });
+
+        let out = output.map(|item| {
+            item.map(|o| ExecResponse {
+                msg: Some(match o {
+                    exec::ExecOutput::Stdout(b) => Out::Stdout(b.to_vec()),
+                    exec::ExecOutput::Stderr(b) => Out::Stderr(b.to_vec()),
+                    exec::ExecOutput::Exit(code) => Out::ExitCode(code),
+                }),
+            })
+            .map_err(|e| to_status(&e))
+        });
+        Ok(Box::pin(out))
+    }
+
+    /// Logs of one sandbox: for the gRPC method and the gateway's in-process proxy.
+    pub async fn logs_stream(&self, req: LogsRequest) -> Result<BoxStream<LogChunk>, Status> {
+        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
+        // Subscribe before looking, so an exit between the two is not missed.
+        let mut changes = self.agent.subscribe().await.map_err(|e| to_status(&e))?;
+        let inventory = self.agent.inventory().await.map_err(|e| to_status(&e))?;
+        let Some(record) = inventory.iter().find(|r| r.id == id) else {
+            return Err(Status::not_found(format!("sandbox {id} not found")));
+        };
+        let (exited_tx, exited_rx) = tokio::sync::watch::channel(ended(record.phase));
+        if !ended(record.phase) {
+            let watched = id.clone();
+            tokio::spawn(async move {
+                loop {
+                    match changes.recv().await {
+                        Ok(c) if c.id == watched && ended(c.phase) => break,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                    if exited_tx.is_closed() {
+                        return;
+                    }
+                }
+                let _ = exited_tx.send(true);
+            });
+        }
+        let options = logs::LogOptions {
+            follow: req.follow,
+            tail_lines: req.tail_lines,
+            until_exited: Some(exited_rx),
+        };
+        let stream = logs::stream_logs(self.agent.runtime().log_paths(&id), options).map(|item| {
+            item.map(|chunk| LogChunk {
+                stream: match chunk.stream {
+                    logs::LogStream::Stdout => fp::LogStream::Stdout as i32,
+                    logs::LogStream::Stderr => fp::LogStream::Stderr as i32,
+                },
+                data: chunk.data.to_vec(),
+                time: None,
+            })
+            .map_err(|e| to_status(&e))
+        });
+        Ok(Box::pin(stream))
     }
 }
 
@@ -171,91 +309,9 @@ impl Agent for AgentService {
         &self,
         request: Request<Streaming<ExecRequest>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        use fsb_proto::agent::v1::exec_request::Msg;
-        use fsb_proto::fastpath::v1::exec_response::Msg as Out;
-        use tokio::io::AsyncWriteExt;
-
-        let mut input = request.into_inner();
-        let start = match input.message().await? {
-            Some(ExecRequest {
-                msg: Some(Msg::Start(start)),
-            }) => start,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "exec: the first message must be `start`",
-                ));
-            }
-        };
-        let id =
-            SandboxId::parse("start.sandbox_id", &start.sandbox_id).map_err(|e| to_status(&e))?;
-        if start.command.is_empty() {
-            return Err(Status::invalid_argument("start.command: must not be empty"));
-        }
-        let session = exec::exec(
-            self.agent.runtime(),
-            &id,
-            exec::ExecRequest {
-                args: start.command,
-                env: start
-                    .envs
-                    .into_iter()
-                    .map(|e| format!("{}={}", e.name, e.value))
-                    .collect(),
-                cwd: (!start.working_dir.is_empty()).then_some(start.working_dir),
-                tty: start.tty,
-                stdin: start.stdin,
-                timeout: None,
-            },
-        )
-        .await
-        .map_err(|e| to_status(&e))?;
-        let exec::ExecSession {
-            mut stdin,
-            output,
-            resize,
-            ..
-        } = session;
-
-        // Client -> process: stdin bytes, close, resize. Ends with the client's stream.
-        tokio::spawn(async move {
-            while let Ok(Some(msg)) = input.message().await {
-                match msg.msg {
-                    Some(Msg::Stdin(bytes)) => {
-                        if let Some(w) = stdin.as_mut()
-                            && w.write_all(&bytes).await.is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Some(Msg::CloseStdin(true)) => {
-                        if let Some(w) = stdin.take() {
-                            let _ = w.close().await;
-                        }
-                    }
-                    Some(Msg::Resize(size)) => {
-                        if let Some(r) = &resize {
-                            let _ = r.resize(size.cols, size.rows).await;
-                        }
-                    }
-                    Some(Msg::Start(_)) | Some(Msg::CloseStdin(false)) | None => {}
-                }
-            }
-            if let Some(w) = stdin.take() {
-                let _ = w.close().await;
-            }
-        });
-
-        let out = output.map(|item| {
-            item.map(|o| ExecResponse {
-                msg: Some(match o {
-                    exec::ExecOutput::Stdout(b) => Out::Stdout(b.to_vec()),
-                    exec::ExecOutput::Stderr(b) => Out::Stderr(b.to_vec()),
-                    exec::ExecOutput::Exit(code) => Out::ExitCode(code),
-                }),
-            })
-            .map_err(|e| to_status(&e))
-        });
-        Ok(Response::new(Box::pin(out)))
+        self.exec_stream(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     type LogsStream = BoxStream<LogChunk>;
@@ -264,48 +320,9 @@ impl Agent for AgentService {
         &self,
         request: Request<LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        let req = request.into_inner();
-        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
-        // Subscribe before looking, so an exit between the two is not missed.
-        let mut changes = self.agent.subscribe().await.map_err(|e| to_status(&e))?;
-        let inventory = self.agent.inventory().await.map_err(|e| to_status(&e))?;
-        let Some(record) = inventory.iter().find(|r| r.id == id) else {
-            return Err(Status::not_found(format!("sandbox {id} not found")));
-        };
-        let (exited_tx, exited_rx) = tokio::sync::watch::channel(ended(record.phase));
-        if !ended(record.phase) {
-            let watched = id.clone();
-            tokio::spawn(async move {
-                loop {
-                    match changes.recv().await {
-                        Ok(c) if c.id == watched && ended(c.phase) => break,
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    }
-                    if exited_tx.is_closed() {
-                        return;
-                    }
-                }
-                let _ = exited_tx.send(true);
-            });
-        }
-        let options = logs::LogOptions {
-            follow: req.follow,
-            tail_lines: req.tail_lines,
-            until_exited: Some(exited_rx),
-        };
-        let stream = logs::stream_logs(self.agent.runtime().log_paths(&id), options).map(|item| {
-            item.map(|chunk| LogChunk {
-                stream: match chunk.stream {
-                    logs::LogStream::Stdout => fp::LogStream::Stdout as i32,
-                    logs::LogStream::Stderr => fp::LogStream::Stderr as i32,
-                },
-                data: chunk.data.to_vec(),
-                time: None,
-            })
-            .map_err(|e| to_status(&e))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        self.logs_stream(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn stats(

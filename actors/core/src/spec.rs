@@ -506,7 +506,8 @@ fn validate_ports(ports: &[u32], limits: &SpecLimits) -> Result<Vec<HostPort>, S
     Ok(out)
 }
 
-fn validate_labels(
+/// Check Kubernetes label syntax and the count limit (also used by Update's label patch).
+pub fn validate_labels(
     labels: &BTreeMap<String, String>,
     limits: &SpecLimits,
 ) -> Result<BTreeMap<String, String>, SpecError> {
