@@ -50,6 +50,7 @@ fn request(spec: ValidSpec) -> CreateSandbox {
             .map(|n| n.to_string())
             .unwrap_or_default(),
         claim_uid: String::new(),
+        request_id: String::new(),
         spec,
     }
 }

@@ -47,6 +47,7 @@ async fn the_agent_survives_a_containerd_restart() {
         namespace: "default".into(),
         name: "waiter".into(),
         claim_uid: String::new(),
+        request_id: String::new(),
         spec: spec(
             "waiter",
             "while [ ! -f /tmp/stop ]; do sleep 0.1; done; exit 9",
@@ -71,6 +72,7 @@ async fn the_agent_survives_a_containerd_restart() {
         namespace: "default".into(),
         name: "after-restart".into(),
         claim_uid: String::new(),
+        request_id: String::new(),
         spec: spec("after-restart", "sleep 600"),
     };
     let fresh_id = fresh.id.clone();

@@ -249,6 +249,7 @@ async fn session_registers_reports_and_survives_a_controller_restart() {
             namespace: "team-a".into(),
             name: "session".into(),
             claim_uid: String::new(),
+            request_id: String::new(),
             spec,
         })
         .await

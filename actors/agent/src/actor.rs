@@ -13,7 +13,9 @@ use actix::{
 };
 use fsb_core::{
     AgentId, HostPort, SandboxId,
-    labels::{LABEL_AGENT_UID, LABEL_CLAIM_UID, LABEL_NAMESPACE, LABEL_SANDBOX_NAME},
+    labels::{
+        LABEL_AGENT_UID, LABEL_CLAIM_UID, LABEL_NAMESPACE, LABEL_REQUEST_ID, LABEL_SANDBOX_NAME,
+    },
     spec::Runtime,
 };
 use tokio::sync::broadcast;
@@ -117,6 +119,7 @@ impl Handler<Create> for AgentActor {
             namespace: req.namespace.clone(),
             name: req.name.clone(),
             claim_uid: req.claim_uid.clone(),
+            request_id: req.request_id.clone(),
             image: req.spec.image.to_string(),
             ports: req.spec.ports.clone(),
             phase: SandboxPhase::Creating,
@@ -145,13 +148,16 @@ impl Handler<Create> for AgentActor {
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_AGENT_UID.to_owned(), self.agent_id.to_string()),
             (LABEL_NAMESPACE.to_owned(), req.namespace.clone()),
             (LABEL_SANDBOX_NAME.to_owned(), req.name.clone()),
             (LABEL_CLAIM_UID.to_owned(), req.claim_uid.clone()),
             (LABEL_PORTS.to_owned(), ports),
         ]);
+        if !req.request_id.is_empty() {
+            labels.insert(LABEL_REQUEST_ID.to_owned(), req.request_id.clone());
+        }
         let hostname = if req.name.is_empty() {
             req.id.as_str()[..12].to_owned()
         } else {
@@ -287,6 +293,7 @@ fn record_of(o: ObservedSandbox) -> SandboxRecord {
         namespace: label(LABEL_NAMESPACE),
         name: label(LABEL_SANDBOX_NAME),
         claim_uid: label(LABEL_CLAIM_UID),
+        request_id: label(LABEL_REQUEST_ID),
         image: o.image,
         ports,
         phase,

@@ -23,6 +23,8 @@ pub struct CreateSandbox {
     pub name: String,
     /// Uid of the Sandbox object (empty in local mode).
     pub claim_uid: String,
+    /// Idempotency key of the client's create (empty if none), kept as a label.
+    pub request_id: String,
     /// The validated spec.
     pub spec: ValidSpec,
 }

@@ -259,6 +259,7 @@ impl Agent for AgentService {
                 namespace: req.namespace,
                 name: req.name,
                 claim_uid: req.claim_uid,
+                request_id: req.request_id,
                 spec,
             })
             .await

@@ -35,6 +35,8 @@ pub struct SandboxRecord {
     pub name: String,
     /// Uid of the Sandbox object that claimed it (empty in local mode).
     pub claim_uid: String,
+    /// Idempotency key of the create that made it (empty if unknown).
+    pub request_id: String,
     /// Image reference.
     pub image: String,
     /// Ports it holds in the agent's network namespace.
@@ -238,6 +240,7 @@ mod tests {
             namespace: "default".into(),
             name: "s".into(),
             claim_uid: String::new(),
+            request_id: String::new(),
             image: "docker.io/library/busybox:latest".into(),
             ports: ports
                 .iter()

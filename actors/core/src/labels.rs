@@ -24,5 +24,8 @@ pub const LABEL_NAMESPACE: &str = "fast-sandbox.io/namespace";
 pub const LABEL_SANDBOX_NAME: &str = "fast-sandbox.io/sandbox-name";
 /// Container label: uid of the Sandbox object that claimed it.
 pub const LABEL_CLAIM_UID: &str = "fast-sandbox.io/claim-uid";
+/// Container label: idempotency key of the create that made it, so a sandbox adopted
+/// after a crash still answers a retry of that create.
+pub const LABEL_REQUEST_ID: &str = "fast-sandbox.io/request-id";
 /// Container label: the sandbox id.
 pub const LABEL_ID: &str = "fast-sandbox.io/id";

@@ -25,7 +25,7 @@ use fsb_agent::{SandboxPhase, server::BoxStream, state::PhaseChange, state::Sand
 use fsb_core::{
     AgentId, ImageRef, NamespaceName, NodeName, PoolName, RequestId, SandboxId, SandboxName,
     ValidSpec,
-    spec::{FailurePolicy, SpecLimits, validate_labels},
+    spec::{FailurePolicy, SpecDigest, SpecLimits, validate_labels},
 };
 use fsb_proto::{agent::v1 as av, fastpath::v1 as fp};
 use fsb_registry::{AllocateRequest, RegistryHandle};
@@ -1247,7 +1247,8 @@ impl<S: SandboxStore> Gateway<S> {
     /// Per container without a record: if its name is free, the record is rebuilt from
     /// the container's labels (a FAST create answered before its record landed; it
     /// carries the label `fast-sandbox.io/adopted=true`, its spec shows image, pool and
-    /// ports only, and the request id is not known); if the name is taken by another
+    /// ports only, and it keeps its request id, so a retry of its create replays); if
+    /// the name is taken by another
     /// sandbox, the container is a leftover and is removed.
     ///
     /// Returns the containers that remain (for the registry report).
@@ -1373,8 +1374,8 @@ fn adopt(
             c.claim_uid.clone()
         },
         sandbox_id: c.id.clone(),
-        request_id: None,
-        spec_digest: spec.digest(),
+        request_id: RequestId::parse("request_id", &c.request_id).ok(),
+        spec_digest: UNKNOWN_DIGEST,
         labels: BTreeMap::from([(LABEL_ADOPTED.to_owned(), "true".to_owned())]),
         spec,
         phase,
@@ -1402,13 +1403,17 @@ struct Create {
     timeline: Timeline,
 }
 
+/// Digest of an adopted record: its full spec is not known, so a retry of its create
+/// (same request id) is trusted to be the same request.
+const UNKNOWN_DIGEST: SpecDigest = SpecDigest([0; 32]);
+
 /// Answer a repeated request id from its record.
 fn replay(
     rec: &StoredSandbox,
-    digest: fsb_core::spec::SpecDigest,
+    digest: SpecDigest,
     mode: fp::ConsistencyMode,
 ) -> Result<fp::CreateResponse, GatewayError> {
-    if rec.spec_digest != digest {
+    if rec.spec_digest != digest && rec.spec_digest != UNKNOWN_DIGEST {
         return Err(GatewayError::AlreadyExists(format!(
             "request_id: already used for sandbox {}/{} with a different spec",
             rec.namespace, rec.name
