@@ -26,6 +26,9 @@ pub enum LocalError {
     /// Something local mode needs is missing or wrong; the message says what to do.
     #[error("{0}")]
     Setup(String),
+    /// containerd refused or failed an image operation of local mode.
+    #[error("{0}")]
+    Agent(#[from] fsb_agent::AgentError),
 }
 
 impl LocalError {
