@@ -108,8 +108,9 @@ run_containerd() {
   say "containerd: building fsb-tests"
   cargo test -p fsb-tests --no-run
   # Tests that run the real binaries (kill -9, restart) find them here.
-  cargo build -p fsb-agent-bin
+  cargo build -p fsb-agent-bin -p fsb-bin
   export FSB_AGENT_BIN="$CARGO_TARGET_DIR/debug/fsb-agent"
+  export FSB_BIN="$CARGO_TARGET_DIR/debug/fsb"
 
   # Private containerd + imported test image + two local registries (plain HTTP; HTTPS
   # + basic auth) holding it, all stopped again when the tests end. Only the tests'

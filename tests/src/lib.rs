@@ -11,6 +11,8 @@
 //! - [`image`]: resolve an image in containerd's store to its config and rootfs chain id.
 //! - [`wait`]: [`wait_until`], polling with a deadline (tests never sleep a fixed time).
 //! - [`unique_id`]: fixed-width container ids (runsc matches ids by prefix).
+//! - [`local`]: `fsb up` as a child process ([`local::LocalUp`]) and an authenticated
+//!   fast-path client.
 //!
 //! Environment read by [`ContainerdEnv::from_env`] (all set by `tests/run.sh`):
 //! `FSB_CONTAINERD_SOCKET`, `FSB_TEST_IMAGE`, `FSB_TEST_IMAGE_ARCHIVE`,
@@ -22,6 +24,7 @@
 pub mod agent;
 pub mod containerd;
 pub mod image;
+pub mod local;
 pub mod spec;
 pub mod wait;
 

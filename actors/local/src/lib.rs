@@ -29,4 +29,4 @@ pub mod datadir;
 mod up;
 
 pub use datadir::{DataDir, LocalError};
-pub use up::{DEFAULT_LISTEN, DefaultMode, UpConfig, run};
+pub use up::{DEFAULT_LISTEN, DefaultMode, LOCAL_AGENT, LOCAL_POOL, UpConfig, run};
