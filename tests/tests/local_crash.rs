@@ -76,7 +76,7 @@ fn create_request(i: usize) -> CreateRequest {
             exposed_ports: vec![20000 + (i % PORTS) as u32],
             ..SandboxSpec::default()
         }),
-        mode: if i % 2 == 0 {
+        mode: if i.is_multiple_of(2) {
             ConsistencyMode::Fast
         } else {
             ConsistencyMode::Strong
@@ -209,7 +209,7 @@ async fn kill9_during_a_thousand_creates_loses_and_leaks_nothing() {
         .into_inner()
         .sandboxes;
     let by_name: HashMap<String, _> = listed.iter().map(|s| (s.name.clone(), s)).collect();
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     eprintln!(
         "acknowledged live {}, deleted {}, refused {}, listed {}",
         ledger.live.len(),
@@ -264,7 +264,6 @@ async fn kill9_during_a_thousand_creates_loses_and_leaks_nothing() {
 
     // Clean up through the API and stop fsb up gracefully.
     let names: Vec<String> = ledger.live.keys().cloned().collect();
-    drop(ledger);
     let scratch = Mutex::new(Ledger::default());
     for chunk in names.chunks(16) {
         futures::future::join_all(chunk.iter().map(|n| delete(&client, n, &scratch))).await;

@@ -96,6 +96,7 @@ async fn busybox_image_is_built_loaded_and_says_hello_on_the_given_containerd() 
             namespace: "default".into(),
             name: "hello".into(),
             claim_uid: String::new(),
+            request_id: String::new(),
             spec,
         })
         .await
