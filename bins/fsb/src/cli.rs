@@ -407,6 +407,17 @@ pub(crate) struct BenchArgs {
     /// present, else /run/containerd/containerd.sock].
     #[arg(long, env = "FSB_CONTAINERD_SOCKET", value_name = "PATH")]
     pub(crate) containerd_socket: Option<PathBuf>,
+    /// Parent of the raw path's OCI runtime state roots.
+    #[arg(
+        long,
+        env = "FSB_RUNTIME_ROOT",
+        value_name = "DIR",
+        default_value = "/run/fast-sandbox/bench"
+    )]
+    pub(crate) runtime_root: PathBuf,
+    /// runsc binary or wrapper for the raw path under gVisor.
+    #[arg(long, env = "FSB_RUNSC", value_name = "PATH", default_value = "runsc")]
+    pub(crate) runsc: PathBuf,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub(crate) json: bool,

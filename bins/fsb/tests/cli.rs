@@ -740,3 +740,80 @@ fn help_and_completion() {
     assert!(stdout(&out).contains("_fsb"), "{}", stdout(&out));
     assert_eq!(code(&fsb_in(tmp.path(), &["run", "--port", "x"], &[])), 2);
 }
+
+#[test]
+fn bench_measures_creates_and_deletes_every_sandbox() {
+    let f = Fixture::start();
+    let out = f.fsb(&[
+        "bench",
+        "--count",
+        "5",
+        "--concurrency",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["count"], 5);
+    assert_eq!(v["concurrency"], 2);
+    assert!(v["fsb"]["p50_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        v["fsb"]["max_ms"].as_f64() >= v["fsb"]["p99_ms"].as_f64(),
+        "{v}"
+    );
+    assert!(v["raw"].is_null() && v["ratio_p50"].is_null(), "{v}");
+    let st = f.state.lock().unwrap();
+    // 1 warm-up + 5 measured, each with its own request id, all deleted.
+    assert_eq!(st.creates.len(), 6);
+    let ids: std::collections::HashSet<_> = st.creates.iter().map(|c| &c.request_id).collect();
+    assert_eq!(ids.len(), 6);
+    assert_eq!(
+        st.creates[0].spec.as_ref().unwrap().command,
+        ["sleep", "3600"]
+    );
+    assert!(st.sandboxes.is_empty(), "bench leaves nothing behind");
+}
+
+/// Raw containerd creates beside the fake gateway: runs only inside
+/// `tests/scripts/with-containerd.sh` (root, private containerd, offline image), which
+/// exports FSB_CONTAINERD_SOCKET and FSB_TEST_IMAGE.
+#[test]
+fn bench_compare_raw_against_real_containerd() {
+    let (Ok(socket), Ok(image)) = (
+        std::env::var("FSB_CONTAINERD_SOCKET"),
+        std::env::var("FSB_TEST_IMAGE"),
+    ) else {
+        eprintln!(
+            "skipped: needs tests/scripts/with-containerd.sh (FSB_CONTAINERD_SOCKET, FSB_TEST_IMAGE)"
+        );
+        return;
+    };
+    let f = Fixture::start();
+    let root = std::env::var("FSB_RUNTIME_ROOT")
+        .unwrap_or_else(|_| f.data_dir.join("runtime").display().to_string());
+    let out = f.fsb(&[
+        "bench",
+        "--count",
+        "4",
+        "--warmup",
+        "1",
+        "--concurrency",
+        "2",
+        "--compare-raw",
+        "--containerd-socket",
+        &socket,
+        "--runtime-root",
+        &root,
+        "--image",
+        &image,
+        "--json",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    // A real runc create takes milliseconds; the fake gateway answers in far less.
+    let raw_p50 = v["raw"]["p50_ms"].as_f64().unwrap();
+    assert!(raw_p50 > 1.0, "{v}");
+    assert!(v["ratio_p50"].as_f64().unwrap() < 1.0, "{v}");
+}

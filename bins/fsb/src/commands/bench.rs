@@ -35,8 +35,10 @@ pub(crate) fn bench_config(args: &BenchArgs, settings: &Settings) -> Result<Benc
             ModeArg::Fast => DefaultMode::Fast,
             ModeArg::Strong => DefaultMode::Strong,
         }),
-        raw: args.compare_raw.then(|| {
-            RawTarget::new(
+        raw: args.compare_raw.then(|| RawTarget {
+            runtime_root: args.runtime_root.clone(),
+            runsc_binary: args.runsc.clone(),
+            ..RawTarget::new(
                 args.containerd_socket
                     .clone()
                     .unwrap_or_else(|| bench::default_containerd_socket(&settings.data_dir)),
