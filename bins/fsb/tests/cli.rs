@@ -24,6 +24,8 @@ use std::{
 use fsb_proto::fastpath::v1::{
     self as fp, exec_request, exec_response,
     fast_path_server::{FastPath, FastPathServer},
+    images_server::{Images, ImagesServer},
+    pull_image_progress,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -324,6 +326,90 @@ impl FastPath for FakeFastPath {
     }
 }
 
+/// One Load as the fake saw it: name, pool, chunk sizes.
+type LoadSeen = (String, String, Vec<usize>);
+
+/// Images: Load counts bytes and chunks, Pull streams two progress messages.
+#[derive(Clone, Default)]
+struct FakeImages {
+    /// (name, pool, chunk sizes) of every Load.
+    loads: Arc<Mutex<Vec<LoadSeen>>>,
+}
+
+#[tonic::async_trait]
+impl Images for FakeImages {
+    type PullStream = BoxStream<fp::PullImageProgress>;
+
+    async fn pull(
+        &self,
+        req: Request<fp::PullImageRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        let req = req.into_inner();
+        if req.username == "bad" {
+            return Err(Status::permission_denied(
+                "registry refused the credentials",
+            ));
+        }
+        let blob = |done| fp::PullImageProgress {
+            msg: Some(pull_image_progress::Msg::Blob(fp::BlobProgress {
+                digest: "sha256:abcdef0123456789".into(),
+                kind: "layer".into(),
+                done,
+                total: 2048,
+                cached: false,
+            })),
+        };
+        let done = fp::PullImageProgress {
+            msg: Some(pull_image_progress::Msg::Done(fp::ImageInfo {
+                name: format!("{}@{}", req.image, req.password),
+                digest: "sha256:feed".into(),
+                size_bytes: 2048,
+                in_use: false,
+            })),
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            [blob(1024), blob(2048), done].into_iter().map(Ok),
+        ))))
+    }
+
+    async fn load(
+        &self,
+        req: Request<Streaming<fp::LoadImageChunk>>,
+    ) -> Result<Response<fp::ImageInfo>, Status> {
+        let mut stream = req.into_inner();
+        let (mut name, mut pool, mut sizes) = (String::new(), String::new(), Vec::new());
+        while let Some(c) = stream.next().await {
+            let c = c?;
+            if sizes.is_empty() {
+                (name, pool) = (c.name.clone(), c.pool_ref.clone());
+            }
+            sizes.push(c.data.len());
+        }
+        let total: usize = sizes.iter().sum();
+        self.loads.lock().unwrap().push((name.clone(), pool, sizes));
+        Ok(Response::new(fp::ImageInfo {
+            name,
+            digest: "sha256:loaded".into(),
+            size_bytes: total as u64,
+            in_use: false,
+        }))
+    }
+
+    async fn list(
+        &self,
+        _req: Request<fp::ListImagesRequest>,
+    ) -> Result<Response<fp::ListImagesResponse>, Status> {
+        Ok(Response::new(fp::ListImagesResponse {
+            images: vec![fp::ImageInfo {
+                name: "fsb.local/busybox:latest".into(),
+                digest: "sha256:b0x".into(),
+                size_bytes: 1_200_000,
+                in_use: true,
+            }],
+        }))
+    }
+}
+
 /// Only requests carrying our token get through.
 #[allow(clippy::result_large_err)] // tonic's interceptor signature
 fn check_token(req: Request<()>) -> Result<Request<()>, Status> {
@@ -344,6 +430,7 @@ struct Fixture {
     data_dir: PathBuf,
     endpoint: String,
     state: Arc<Mutex<State>>,
+    images: FakeImages,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -357,6 +444,8 @@ impl Fixture {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let fake = FakeFastPath::default();
         let state = fake.state.clone();
+        let images = FakeImages::default();
+        let served_images = images.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -367,6 +456,7 @@ impl Fixture {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 tonic::transport::Server::builder()
                     .add_service(FastPathServer::with_interceptor(fake, check_token))
+                    .add_service(ImagesServer::with_interceptor(served_images, check_token))
                     .serve_with_incoming_shutdown(
                         tokio_stream::wrappers::TcpListenerStream::new(listener),
                         async {
@@ -390,6 +480,7 @@ impl Fixture {
             data_dir,
             endpoint,
             state,
+            images,
             _shutdown: tx,
         }
     }
@@ -816,4 +907,98 @@ fn bench_compare_raw_against_real_containerd() {
     let raw_p50 = v["raw"]["p50_ms"].as_f64().unwrap();
     assert!(raw_p50 > 1.0, "{v}");
     assert!(v["ratio_p50"].as_f64().unwrap() < 1.0, "{v}");
+}
+
+#[test]
+fn image_load_streams_1_mib_chunks() {
+    let f = Fixture::start();
+    let archive = f.data_dir.join("img.tar");
+    std::fs::write(&archive, vec![7u8; 2 * 1024 * 1024 + 5]).unwrap();
+    let out = f.fsb(&[
+        "image",
+        "load",
+        archive.to_str().unwrap(),
+        "--name",
+        "my/img:1",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("my/img:1"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("2.0 MiB"), "{}", stdout(&out));
+    let loads = f.images.loads.lock().unwrap();
+    assert_eq!(loads[0].0, "my/img:1");
+    assert_eq!(loads[0].2, [1024 * 1024, 1024 * 1024, 5]);
+    drop(loads);
+    let out = f.fsb(&["image", "load", "/nonexistent.tar"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+}
+
+#[test]
+fn image_pull_reports_progress_and_reads_the_password_from_stdin() {
+    let f = Fixture::start();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fsb"))
+        .env("FSB_DATA_DIR", &f.data_dir)
+        .args([
+            "image",
+            "pull",
+            "reg/img:1",
+            "--username",
+            "u",
+            "--password-stdin",
+            "-o",
+            "json",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"pw\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Not a TTY: one plain line per finished blob, no carriage returns.
+    assert_eq!(stderr(&out), "layer abcdef012345: 2.0 KiB / 2.0 KiB\n");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v[0]["name"], "reg/img:1@pw");
+    let out = f.fsb(&[
+        "image",
+        "pull",
+        "r",
+        "--username",
+        "bad",
+        "--password-stdin",
+    ]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+}
+
+#[test]
+fn image_ls_and_version() {
+    let f = Fixture::start();
+    let out = f.fsb(&["image", "ls"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(
+        text.contains("fsb.local/busybox:latest") && text.contains("yes"),
+        "{text}"
+    );
+    let out = f.fsb(&["version"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!("client: fsb {}\n", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    // The fake serves no health service: reachable, but health unknown.
+    assert!(text.contains(&format!("server: {}", f.endpoint)), "{text}");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = fsb_in(tmp.path(), &["version"], &[]);
+    assert_eq!(code(&out), 0);
+    assert!(
+        stdout(&out).contains("server: not reachable (fsb up is not running"),
+        "{}",
+        stdout(&out)
+    );
 }
