@@ -38,7 +38,7 @@ pub(crate) enum CliError {
     #[error("{0}")]
     Permission(String),
     /// A gRPC call failed; `what` says which (e.g. `get default/web`).
-    #[error("{what}: {}; {}", status.message(), hint(status.code()))]
+    #[error("{what}: {}; {}", one_line(status.message()), hint(status.code()))]
     Grpc { what: String, status: tonic::Status },
     /// Anything else (exit 1).
     #[error("{0:#}")]
@@ -62,6 +62,15 @@ impl CliError {
             Self::Other(_) => exit::FAILURE,
         }
     }
+}
+
+/// Server messages on one line (the contract is one line per error).
+fn one_line(s: &str) -> String {
+    let s = s.trim();
+    if s.is_empty() {
+        return "no details from the server".to_owned();
+    }
+    s.lines().map(str::trim).collect::<Vec<_>>().join("; ")
 }
 
 /// Exit code of a gRPC status code.
@@ -148,6 +157,9 @@ mod tests {
         );
         assert_eq!(e.exit_code(), 5);
         assert_eq!(CliError::BadConfig("x".into()).exit_code(), 64);
+        let e = CliError::grpc("list")(tonic::Status::internal("a\nb\n"));
+        assert_eq!(e.to_string().lines().count(), 1, "{e}");
+        assert!(e.to_string().starts_with("list: a; b; "), "{e}");
         assert_eq!(CliError::Other(anyhow::anyhow!("x")).exit_code(), 1);
     }
 }

@@ -80,9 +80,14 @@ pub(crate) fn up(args: &UpArgs, settings: &Settings) -> Result<u8, CliError> {
         }));
     match result {
         Ok(()) => Ok(exit::OK),
-        Err(e) => Err(CliError::Other(anyhow::anyhow!(
-            "fsb up: {e}; see the log above (RUST_LOG=debug for more)"
-        ))),
+        Err(e) => {
+            let e = e.to_string();
+            // Local mode's messages may already name themselves.
+            let e = e.strip_prefix("fsb up: ").unwrap_or(&e);
+            Err(CliError::Other(anyhow::anyhow!(
+                "fsb up failed: {e}; see the log above (RUST_LOG=debug for more)"
+            )))
+        }
     }
 }
 
