@@ -74,7 +74,11 @@ fn dispatch(cli: &Cli, explicit: Explicit, env: &ProcessEnv) -> Result<u8, CliEr
                 .enable_all()
                 .build()
                 .map_err(|e| CliError::Other(anyhow::anyhow!("starting the runtime: {e}")))?;
-            rt.block_on(client_command(command, explicit, &settings))
+            let result = rt.block_on(client_command(command, explicit, &settings));
+            // A pending read of our stdin (exec -i after the remote process exited) must
+            // not keep us alive: dropping the runtime would wait for it.
+            rt.shutdown_background();
+            result
         }
     }
 }

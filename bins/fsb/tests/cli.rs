@@ -278,7 +278,8 @@ impl FastPath for FakeFastPath {
             return Err(Status::not_found("sandbox not found"));
         }
         let mut echoed = Vec::new();
-        if start.stdin {
+        // `nowait`: answers without reading stdin, like a process that exits early.
+        if start.stdin && start.command.first().map(String::as_str) != Some("nowait") {
             while let Some(Ok(msg)) = input.next().await {
                 match msg.msg {
                     Some(exec_request::Msg::Stdin(b)) => echoed.extend_from_slice(&b),
@@ -1001,4 +1002,34 @@ fn image_ls_and_version() {
         "{}",
         stdout(&out)
     );
+}
+
+#[test]
+fn exec_exits_when_the_remote_process_does_even_if_stdin_stays_open() {
+    let f = Fixture::start();
+    assert_eq!(
+        code(&f.fsb(&["run", "--name", "box", "--", "sleep", "60"])),
+        0
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fsb"))
+        .env("FSB_DATA_DIR", &f.data_dir)
+        .args(["exec", "-i", "box", "--", "nowait"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Our end of its stdin stays open for the whole test.
+    let _stdin = child.stdin.take().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("fsb exec -i hung on its open stdin after the remote exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
 }
