@@ -19,10 +19,13 @@
 //!   busybox-static and loaded by [`busybox::ensure_local_image`] unless containerd
 //!   already holds the same digest.
 //! - [`run`] with [`UpConfig`]: the composition.
+//! - [`bench`]: `fsb bench`, create latency through the gateway against raw containerd
+//!   creates in the same run (percentiles, table and JSON report).
 //!
 //! Invariants: `fsb up` listens on loopback only; the token file is written with mode
 //! 0600 before the endpoint file, so a client that sees the endpoint can authenticate.
 
+pub mod bench;
 pub mod busybox;
 pub mod containerd;
 pub mod datadir;

@@ -1,0 +1,748 @@
+//! `fsb bench`: create latency through the gateway, optionally against raw containerd
+//! creates made in the same run.
+//!
+//! - fsb path: `FastPath.Create` timed client-side from send to response (the
+//!   sandbox is running when Create returns); each sandbox is deleted afterwards,
+//!   untimed.
+//! - raw path (`--compare-raw`): the minimal `containerd-client` sequence against the
+//!   same containerd: create lease, prepare the image's chain id as an overlayfs
+//!   snapshot (leased), create the container with the OCI spec `fsb_agent::build_spec`
+//!   writes, create the task, start it; timed from the first call until Start returns.
+//!   The spec is built before the timed span, as the agent builds it before its
+//!   containerd calls. Removal is untimed.
+//!
+//! Batches of `concurrency` creates alternate between the paths (fsb then raw, then
+//! raw then fsb, ...), so drift and containerd's background work (garbage collection
+//! after removals) hit both alike. Compare the ratio, never absolute numbers from
+//! different runs.
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateTaskRequest, StartRequest,
+    containers_client::ContainersClient,
+    snapshots::{PrepareSnapshotRequest, snapshots_client::SnapshotsClient},
+    tasks_client::TasksClient,
+};
+use fsb_agent::{
+    AgentError, ImageConfig, NetworkMode, SpecInput, build_spec,
+    containerd::{Containerd, ContainerdConfig, DEFAULT_CALL_TIMEOUT, SNAPSHOTTER},
+    image::{ImageStore, RegistryOptions, ResolvedImage},
+    runtime::ContainerdRuntime,
+};
+use fsb_core::{
+    ImageRef, SandboxId,
+    spec::{Runtime, SandboxSpec, SpecLimits, ValidSpec},
+};
+use fsb_proto::fastpath::v1 as fp;
+use serde::Serialize;
+use tonic::{metadata::MetadataValue, transport::Channel};
+
+use crate::{DataDir, DefaultMode};
+
+/// containerd namespace of every container fast-sandbox makes (raw ones too, so both
+/// paths share containerd's per-namespace state).
+pub const CONTAINERD_NAMESPACE: &str = "fast-sandbox";
+/// The system containerd, used when the data directory has no private one.
+pub const SYSTEM_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// Command of every benchmarked sandbox: long enough to outlive the measurement.
+pub const BENCH_COMMAND: [&str; 2] = ["sleep", "3600"];
+/// Label on raw containers, so a leftover one is recognisable (no `managed` label:
+/// the agent must not adopt them).
+pub const LABEL_BENCH: &str = "fast-sandbox.io/bench";
+
+const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// A raw container's lease outlives the bench only if the bench dies mid-way.
+const RAW_LEASE_LIFETIME: Duration = Duration::from_secs(600);
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The configuration cannot be run.
+    #[error("{0}")]
+    Config(String),
+    /// A fast-path call failed.
+    #[error("{op}: {status}", status = .status.message())]
+    FastPath {
+        /// Which call.
+        op: &'static str,
+        /// What the gateway said (its code decides the CLI's exit code).
+        status: tonic::Status,
+    },
+    /// A raw containerd step failed.
+    #[error("raw containerd: {op}: {source}")]
+    Raw {
+        /// Which step.
+        op: &'static str,
+        /// Why.
+        source: AgentError,
+    },
+}
+
+impl BenchError {
+    fn raw(op: &'static str) -> impl FnOnce(AgentError) -> Self {
+        move |source| Self::Raw { op, source }
+    }
+}
+
+/// The containerd socket `fsb bench --compare-raw` uses by default: the data
+/// directory's private containerd if `fsb up` started one, else the system one.
+pub fn default_containerd_socket(data_dir: &DataDir) -> PathBuf {
+    let private = data_dir.containerd_dir().join("containerd.sock");
+    if private.exists() {
+        private
+    } else {
+        PathBuf::from(SYSTEM_CONTAINERD_SOCKET)
+    }
+}
+
+/// Where the raw path creates its containers.
+#[derive(Clone, Debug)]
+pub struct RawTarget {
+    /// containerd's socket (the one `fsb up` uses, or the comparison is meaningless).
+    pub socket: PathBuf,
+    /// containerd namespace ([`CONTAINERD_NAMESPACE`]).
+    pub namespace: String,
+    /// Parent of the OCI runtimes' state roots.
+    pub runtime_root: PathBuf,
+    /// runsc binary or wrapper, for `--runtime gvisor`.
+    pub runsc_binary: PathBuf,
+}
+
+impl RawTarget {
+    /// Defaults for `socket`: namespace `fast-sandbox`, runtime state under
+    /// `/run/fast-sandbox/bench`, `runsc` from `PATH`.
+    pub fn new(socket: PathBuf) -> Self {
+        Self {
+            socket,
+            namespace: CONTAINERD_NAMESPACE.to_owned(),
+            runtime_root: PathBuf::from("/run/fast-sandbox/bench"),
+            runsc_binary: PathBuf::from("runsc"),
+        }
+    }
+}
+
+/// One benchmark run.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Measured creates per path.
+    pub count: usize,
+    /// Creates in flight at once (per batch).
+    pub concurrency: usize,
+    /// Creates per path discarded before measuring.
+    pub warmup: usize,
+    /// Image of every sandbox (must be present: the bench measures creates, not pulls).
+    pub image: String,
+    /// Pool of the fsb creates.
+    pub pool: String,
+    /// Namespace of the fsb creates.
+    pub namespace: String,
+    /// Runtime of both paths; `None` is the server's default for fsb and runc for raw.
+    pub runtime: Option<Runtime>,
+    /// Consistency mode of the fsb creates; `None` is the server's default.
+    pub mode: Option<DefaultMode>,
+    /// Also measure raw containerd creates.
+    pub raw: Option<RawTarget>,
+}
+
+/// Latency summary of one path, in milliseconds (nearest-rank percentiles).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Summary {
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest sample.
+    pub max_ms: f64,
+}
+
+impl Summary {
+    /// The summary of `samples`; `None` when there are none.
+    pub fn of(samples: &[Duration]) -> Option<Self> {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        Some(Self {
+            p50_ms: round3(percentile(&ms, 50.0)?),
+            p90_ms: round3(percentile(&ms, 90.0)?),
+            p99_ms: round3(percentile(&ms, 99.0)?),
+            max_ms: round3(*ms.last()?),
+        })
+    }
+}
+
+/// Nearest-rank percentile of sorted values: the smallest value with at least `p`
+/// percent of the samples at or below it (no interpolation: every reported number is
+/// a latency that happened).
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1e3).round() / 1e3
+}
+
+/// What `fsb bench` reports; serializes exactly as `--json` prints it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BenchReport {
+    /// Measured creates per path.
+    pub count: usize,
+    /// Creates in flight at once.
+    pub concurrency: usize,
+    /// Through the gateway.
+    pub fsb: Summary,
+    /// Raw containerd, when compared.
+    pub raw: Option<Summary>,
+    /// fsb p50 / raw p50, when compared.
+    pub ratio_p50: Option<f64>,
+}
+
+impl BenchReport {
+    /// The report of two sample sets (`raw` empty when not compared).
+    pub fn from_samples(
+        concurrency: usize,
+        fsb: &[Duration],
+        raw: Option<&[Duration]>,
+    ) -> Option<Self> {
+        let fsb_summary = Summary::of(fsb)?;
+        let raw = match raw {
+            Some(samples) => Some(Summary::of(samples)?),
+            None => None,
+        };
+        Some(Self {
+            count: fsb.len(),
+            concurrency,
+            fsb: fsb_summary,
+            ratio_p50: raw
+                .filter(|r| r.p50_ms > 0.0)
+                .map(|r| round3(fsb_summary.p50_ms / r.p50_ms)),
+            raw,
+        })
+    }
+
+    /// The `--json` document (one line).
+    pub fn to_json(&self) -> String {
+        // Serializing plain numbers and options cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The human report.
+    pub fn to_table(&self) -> String {
+        let mut out = format!(
+            "{:<5} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10}\n",
+            "path", "count", "concurrency", "p50 ms", "p90 ms", "p99 ms", "max ms"
+        );
+        let mut row = |name: &str, s: &Summary| {
+            out.push_str(&format!(
+                "{name:<5} {:>6} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2}\n",
+                self.count, self.concurrency, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+            ));
+        };
+        row("fsb", &self.fsb);
+        if let Some(raw) = &self.raw {
+            row("raw", raw);
+        }
+        if let Some(ratio) = self.ratio_p50 {
+            out.push_str(&format!("ratio_p50 (fsb / raw, same run): {ratio:.3}\n"));
+        }
+        out
+    }
+}
+
+/// The fast path as the bench drives it: one HTTP/2 connection, the bearer token on
+/// every request.
+#[derive(Clone, Debug)]
+struct FsbPath {
+    client: fp::fast_path_client::FastPathClient<Channel>,
+    auth: Option<MetadataValue<tonic::metadata::Ascii>>,
+    create: fp::CreateRequest,
+}
+
+impl FsbPath {
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(auth) = &self.auth {
+            req.metadata_mut().insert("authorization", auth.clone());
+        }
+        req
+    }
+
+    /// One create, timed from send to response; the created sandbox's name.
+    async fn create(&self) -> Result<(String, Duration), BenchError> {
+        let mut msg = self.create.clone();
+        msg.request_id = uuid::Uuid::new_v4().to_string();
+        let req = self.request(msg);
+        let mut client = self.client.clone();
+        let t = Instant::now();
+        let resp = client
+            .create(req)
+            .await
+            .map_err(|status| BenchError::FastPath {
+                op: "create",
+                status,
+            })?;
+        let elapsed = t.elapsed();
+        let name = resp
+            .into_inner()
+            .sandbox
+            .map(|s| s.name)
+            .unwrap_or_default();
+        Ok((name, elapsed))
+    }
+
+    async fn delete(&self, name: String) -> Result<(), BenchError> {
+        let req = self.request(fp::DeleteRequest {
+            namespace: self.create.namespace.clone(),
+            name,
+            grace_period_seconds: Some(0),
+        });
+        self.client
+            .clone()
+            .delete(req)
+            .await
+            .map(|_| ())
+            .map_err(|status| BenchError::FastPath {
+                op: "delete",
+                status,
+            })
+    }
+}
+
+/// The raw path: what stays the same for every container.
+struct RawPath {
+    cd: Containerd,
+    rt: ContainerdRuntime,
+    image: ResolvedImage,
+    image_config: ImageConfig,
+    spec: ValidSpec,
+    runtime: Runtime,
+    netns: PathBuf,
+}
+
+impl RawPath {
+    async fn connect(
+        target: &RawTarget,
+        image: &str,
+        runtime: Runtime,
+    ) -> Result<Self, BenchError> {
+        let cd = Containerd::connect(ContainerdConfig {
+            socket: target.socket.clone(),
+            namespace: target.namespace.clone(),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            runtime_root: target.runtime_root.clone(),
+            runsc_binary: target.runsc_binary.clone(),
+        })
+        .await
+        .map_err(BenchError::raw("connect"))?;
+        let reference = ImageRef::parse("image", image)
+            .map_err(|e| BenchError::Config(format!("--image: {e}")))?;
+        let images = ImageStore::new(cd.clone(), &RegistryOptions::default())
+            .map_err(BenchError::raw("image store"))?;
+        // Once up front, as the agent does (it caches by digest).
+        let resolved = images
+            .resolve(&reference)
+            .await
+            .map_err(BenchError::raw("resolve image"))?;
+        let image_config = ImageConfig::from_oci_config_json(&resolved.config_json)
+            .map_err(BenchError::raw("image config"))?;
+        let spec = SandboxSpec {
+            namespace: "default".into(),
+            pool_ref: "bench".into(),
+            image: image.to_owned(),
+            command: BENCH_COMMAND.iter().map(|s| (*s).to_owned()).collect(),
+            ..SandboxSpec::default()
+        }
+        .validate(&SpecLimits::default())
+        .map_err(|e| BenchError::Config(e.to_string()))?;
+        let rt = ContainerdRuntime::new(cd.clone(), target.runtime_root.join("bench-logs"));
+        Ok(Self {
+            cd,
+            rt,
+            image: resolved,
+            image_config,
+            spec,
+            runtime,
+            // The bench's own network namespace, as the agent joins its own.
+            netns: PathBuf::from(format!("/proc/{}/ns/net", std::process::id())),
+        })
+    }
+
+    fn spec_json(&self, id: &SandboxId) -> Result<Vec<u8>, BenchError> {
+        let doc = build_spec(&SpecInput {
+            sandbox_id: id,
+            spec: &self.spec,
+            image: &self.image_config,
+            runtime: self.runtime,
+            network: NetworkMode::Join(self.netns.clone()),
+            cgroups_path: format!("/{}/{}", CONTAINERD_NAMESPACE, id.as_str()),
+            hostname: id.as_str().chars().take(12).collect(),
+            user: (0, 0),
+            mounts: Vec::new(),
+            read_only_rootfs: false,
+        })
+        .map_err(BenchError::raw("build spec"))?;
+        serde_json::to_vec(&doc).map_err(|e| BenchError::Config(format!("spec json: {e}")))
+    }
+
+    /// One create: the spec is built first, then timed from the lease to Start.
+    async fn create(&self) -> Result<(SandboxId, Duration), BenchError> {
+        let id = SandboxId::generate();
+        let spec_json = self.spec_json(&id)?;
+        let sid = id.as_str();
+        let cd = &self.cd;
+        let t = Instant::now();
+        let created = async {
+            cd.create_lease(sid, RAW_LEASE_LIFETIME)
+                .await
+                .map_err(BenchError::raw("create lease"))?;
+            let prepare = PrepareSnapshotRequest {
+                snapshotter: SNAPSHOTTER.to_owned(),
+                key: sid.to_owned(),
+                parent: self.image.chain_id.clone(),
+                labels: Default::default(),
+            };
+            let rootfs = cd
+                .call(
+                    "prepare snapshot",
+                    SnapshotsClient::new(cd.channel()).prepare(
+                        cd.leased_request(prepare, sid)
+                            .map_err(BenchError::raw("prepare snapshot"))?,
+                    ),
+                )
+                .await
+                .map_err(BenchError::raw("prepare snapshot"))?
+                .mounts;
+            let container = Container {
+                id: sid.to_owned(),
+                image: self.image.name.clone(),
+                labels: [(LABEL_BENCH.to_owned(), "raw".to_owned())].into(),
+                runtime: Some(cd.runtime_spec(self.runtime)),
+                spec: Some(prost_types::Any {
+                    type_url: SPEC_TYPE_URL.to_owned(),
+                    value: spec_json,
+                }),
+                snapshotter: SNAPSHOTTER.to_owned(),
+                snapshot_key: sid.to_owned(),
+                ..Default::default()
+            };
+            let create = CreateContainerRequest {
+                container: Some(container),
+            };
+            cd.call(
+                "create container",
+                ContainersClient::new(cd.channel()).create(
+                    cd.leased_request(create, sid)
+                        .map_err(BenchError::raw("create container"))?,
+                ),
+            )
+            .await
+            .map_err(BenchError::raw("create container"))?;
+            cd.call(
+                "create task",
+                TasksClient::new(cd.channel()).create(cd.request(CreateTaskRequest {
+                    container_id: sid.to_owned(),
+                    rootfs,
+                    ..Default::default()
+                })),
+            )
+            .await
+            .map_err(BenchError::raw("create task"))?;
+            cd.call(
+                "start task",
+                TasksClient::new(cd.channel()).start(cd.request(StartRequest {
+                    container_id: sid.to_owned(),
+                    exec_id: String::new(),
+                })),
+            )
+            .await
+            .map_err(BenchError::raw("start task"))?;
+            Ok::<_, BenchError>(())
+        }
+        .await;
+        let elapsed = t.elapsed();
+        match created {
+            Ok(()) => Ok((id, elapsed)),
+            Err(e) => {
+                // Whatever was made of it goes; the create's error is the one to report.
+                let _ = self.remove(id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn remove(&self, id: SandboxId) -> Result<(), BenchError> {
+        self.rt
+            .remove(&id, Duration::ZERO)
+            .await
+            .map(|_| ())
+            .map_err(BenchError::raw("remove"))
+    }
+}
+
+/// Run `n` creates at once, then remove what was created (untimed); the timings.
+async fn batch<C, CF, R, RF, K>(n: usize, create: C, remove: R) -> Result<Vec<Duration>, BenchError>
+where
+    C: Fn() -> CF,
+    CF: Future<Output = Result<(K, Duration), BenchError>>,
+    R: Fn(K) -> RF,
+    RF: Future<Output = Result<(), BenchError>>,
+{
+    let results = futures::future::join_all((0..n).map(|_| create())).await;
+    let mut timings = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok((key, d)) => {
+                created.push(key);
+                timings.push(d);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let removed = futures::future::join_all(created.into_iter().map(remove)).await;
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    removed.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(timings)
+}
+
+/// Which path a batch measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Fsb,
+    Raw,
+}
+
+/// The batch order of round `round`: alternating which path goes first (ABBA), so
+/// neither always follows the other's removals.
+fn round_order(round: usize, compare_raw: bool) -> &'static [Lane] {
+    match (compare_raw, round % 2) {
+        (false, _) => &[Lane::Fsb],
+        (true, 0) => &[Lane::Fsb, Lane::Raw],
+        (true, _) => &[Lane::Raw, Lane::Fsb],
+    }
+}
+
+/// Measure. `channel` is a connection to the gateway; `token` goes in every
+/// request's `authorization: Bearer` header.
+pub async fn run(
+    config: &BenchConfig,
+    channel: Channel,
+    token: Option<&str>,
+) -> Result<BenchReport, BenchError> {
+    if config.count == 0 || config.concurrency == 0 {
+        return Err(BenchError::Config(
+            "--count and --concurrency must be at least 1".to_owned(),
+        ));
+    }
+    let auth = token
+        .map(|t| {
+            format!("Bearer {t}")
+                .parse::<MetadataValue<tonic::metadata::Ascii>>()
+                .map_err(|_| BenchError::Config("the token is not a valid header".to_owned()))
+        })
+        .transpose()?;
+    let fsb = FsbPath {
+        client: fp::fast_path_client::FastPathClient::new(channel),
+        auth,
+        create: fp::CreateRequest {
+            request_id: String::new(),
+            namespace: config.namespace.clone(),
+            name: String::new(),
+            spec: Some(fp::SandboxSpec {
+                pool_ref: config.pool.clone(),
+                image: config.image.clone(),
+                command: BENCH_COMMAND.iter().map(|s| (*s).to_owned()).collect(),
+                runtime: config
+                    .runtime
+                    .map_or(fp::Runtime::Unspecified, proto_runtime)
+                    as i32,
+                ..Default::default()
+            }),
+            labels: [(LABEL_BENCH.to_owned(), "fsb".to_owned())].into(),
+            mode: match config.mode {
+                None => fp::ConsistencyMode::Unspecified,
+                Some(DefaultMode::Fast) => fp::ConsistencyMode::Fast,
+                Some(DefaultMode::Strong) => fp::ConsistencyMode::Strong,
+            } as i32,
+            ttl: None,
+        },
+    };
+    let raw = match &config.raw {
+        Some(target) => Some(
+            RawPath::connect(
+                target,
+                &config.image,
+                config.runtime.unwrap_or(Runtime::Runc),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let total = config.warmup + config.count;
+    let (mut fsb_samples, mut raw_samples) = (Vec::new(), Vec::new());
+    let (mut done, mut round) = (0, 0);
+    while done < total {
+        let n = config.concurrency.min(total - done);
+        // Samples of this batch with index < warmup are discarded.
+        let skip = config.warmup.saturating_sub(done).min(n);
+        for path in round_order(round, raw.is_some()) {
+            match (path, &raw) {
+                (Lane::Fsb, _) => {
+                    let t = batch(n, || fsb.create(), |name| fsb.delete(name)).await?;
+                    fsb_samples.extend(t.into_iter().skip(skip));
+                }
+                (Lane::Raw, Some(raw)) => {
+                    let t = batch(n, || raw.create(), |id| raw.remove(id)).await?;
+                    raw_samples.extend(t.into_iter().skip(skip));
+                }
+                (Lane::Raw, None) => {}
+            }
+        }
+        tracing::debug!(done = done + n, total, "bench batch done");
+        done += n;
+        round += 1;
+    }
+    BenchReport::from_samples(
+        config.concurrency,
+        &fsb_samples,
+        raw.as_ref().map(|_| raw_samples.as_slice()),
+    )
+    .ok_or_else(|| BenchError::Config("no samples".to_owned()))
+}
+
+fn proto_runtime(runtime: Runtime) -> fp::Runtime {
+    match runtime {
+        Runtime::Runc => fp::Runtime::Runc,
+        Runtime::Crun => fp::Runtime::Crun,
+        Runtime::Gvisor => fp::Runtime::Gvisor,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let sorted: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&sorted, 50.0), Some(50.0));
+        assert_eq!(percentile(&sorted, 90.0), Some(90.0));
+        assert_eq!(percentile(&sorted, 99.0), Some(99.0));
+        assert_eq!(percentile(&sorted, 100.0), Some(100.0));
+        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 50.0), Some(2.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn summary_sorts_and_keeps_the_max() {
+        let s = Summary::of(&ms(&[30, 10, 20, 100, 40])).unwrap();
+        assert_eq!(s.p50_ms, 30.0);
+        assert_eq!(s.p90_ms, 100.0);
+        assert_eq!(s.max_ms, 100.0);
+        assert!(Summary::of(&[]).is_none());
+        let sub = Summary::of(&[Duration::from_micros(1234)]).unwrap();
+        assert_eq!(sub.p50_ms, 1.234);
+    }
+
+    #[test]
+    fn json_has_exactly_the_documented_shape() {
+        let r = BenchReport::from_samples(2, &ms(&[10, 20]), Some(&ms(&[5, 10]))).unwrap();
+        assert_eq!(
+            r.to_json(),
+            r#"{"count":2,"concurrency":2,"fsb":{"p50_ms":10.0,"p90_ms":20.0,"p99_ms":20.0,"max_ms":20.0},"raw":{"p50_ms":5.0,"p90_ms":10.0,"p99_ms":10.0,"max_ms":10.0},"ratio_p50":2.0}"#
+        );
+        let alone = BenchReport::from_samples(1, &ms(&[10]), None).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&alone.to_json()).unwrap();
+        assert!(v["raw"].is_null());
+        assert!(v["ratio_p50"].is_null());
+        assert_eq!(v["count"], 1);
+    }
+
+    #[test]
+    fn table_shows_both_paths_and_the_ratio() {
+        let r = BenchReport::from_samples(1, &ms(&[12, 14]), Some(&ms(&[10, 10]))).unwrap();
+        let t = r.to_table();
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("fsb") && l.contains("12.00")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("raw") && l.contains("10.00")),
+            "{t}"
+        );
+        assert!(t.contains("ratio_p50 (fsb / raw, same run): 1.200"), "{t}");
+        let alone = BenchReport::from_samples(1, &ms(&[12]), None)
+            .unwrap()
+            .to_table();
+        assert!(!alone.contains("raw"), "{alone}");
+    }
+
+    #[test]
+    fn rounds_alternate_which_path_goes_first() {
+        assert_eq!(round_order(0, true), &[Lane::Fsb, Lane::Raw]);
+        assert_eq!(round_order(1, true), &[Lane::Raw, Lane::Fsb]);
+        assert_eq!(round_order(1, false), &[Lane::Fsb]);
+    }
+
+    #[test]
+    fn default_socket_prefers_the_private_containerd() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        assert_eq!(
+            default_containerd_socket(&dir),
+            PathBuf::from(SYSTEM_CONTAINERD_SOCKET)
+        );
+        std::fs::create_dir_all(dir.containerd_dir()).unwrap();
+        std::fs::write(dir.containerd_dir().join("containerd.sock"), b"").unwrap();
+        assert_eq!(
+            default_containerd_socket(&dir),
+            dir.containerd_dir().join("containerd.sock")
+        );
+    }
+
+    #[tokio::test]
+    async fn batches_remove_what_they_created_even_when_one_create_fails() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let made = AtomicUsize::new(0);
+        let removed = AtomicUsize::new(0);
+        let result = batch(
+            3,
+            || async {
+                let i = made.fetch_add(1, Ordering::SeqCst);
+                if i == 1 {
+                    Err(BenchError::Config("boom".into()))
+                } else {
+                    Ok((i, Duration::from_millis(1)))
+                }
+            },
+            |_| async {
+                removed.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .await;
+        assert!(result.is_err());
+        assert_eq!(removed.load(Ordering::SeqCst), 2);
+    }
+}

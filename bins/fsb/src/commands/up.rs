@@ -1,0 +1,166 @@
+//! `fsb up`: build the `UpConfig` and run local mode inside an actix system until
+//! SIGTERM or Ctrl-C.
+
+use std::{net::SocketAddr, time::Duration};
+
+use fsb_core::spec::Runtime;
+use fsb_local::{DefaultMode, UpConfig};
+
+use crate::{
+    cli::{ModeArg, RuntimeArg, UpArgs},
+    config::Settings,
+    error::{CliError, exit},
+};
+
+/// The `UpConfig` for these flags; a non-loopback `--listen` is refused (local mode
+/// has no TLS and one token: it serves this machine only).
+pub(crate) fn up_config(args: &UpArgs, settings: &Settings) -> Result<UpConfig, CliError> {
+    let listen: SocketAddr = args.listen.parse().map_err(|_| {
+        CliError::BadConfig(format!(
+            "--listen {:?} is not an address; use 127.0.0.1:PORT",
+            args.listen
+        ))
+    })?;
+    if !listen.ip().is_loopback() {
+        return Err(CliError::BadConfig(format!(
+            "--listen {listen} is not a loopback address; `fsb up` serves this machine only, use 127.0.0.1:{}",
+            listen.port()
+        )));
+    }
+    let mut config = UpConfig::new(settings.data_dir.clone());
+    config.listen = listen;
+    config.containerd_socket = args.containerd_socket.clone();
+    if let Some(c) = args.capacity {
+        config.capacity = c;
+    }
+    if let Some(r) = settings.runtime(args.runtime) {
+        config.default_runtime = match r {
+            RuntimeArg::Runc => Runtime::Runc,
+            RuntimeArg::Crun => Runtime::Crun,
+            RuntimeArg::Gvisor => Runtime::Gvisor,
+        };
+    }
+    if let Some(m) = settings.mode(args.mode) {
+        config.default_mode = match m {
+            ModeArg::Fast => DefaultMode::Fast,
+            ModeArg::Strong => DefaultMode::Strong,
+        };
+    }
+    if let Some(secs) = args.stop_grace {
+        config.stop_grace = Duration::from_secs(secs);
+    }
+    config.keep_sandboxes = !args.stop_sandboxes_on_exit;
+    config.agent_id = args.agent_id.clone();
+    config.busybox = args.busybox.clone();
+    Ok(config)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            // Without a SIGTERM handler, Ctrl-C still works.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `fsb up` (blocking: owns the actix system).
+pub(crate) fn up(args: &UpArgs, settings: &Settings) -> Result<u8, CliError> {
+    let config = up_config(args, settings)?;
+    let dir = settings.data_dir.root().display().to_string();
+    let result =
+        actix_rt::System::new().block_on(fsb_local::run(config, shutdown_signal(), move |addr| {
+            eprintln!("fsb up: listening on {addr} (data dir {dir})")
+        }));
+    match result {
+        Ok(()) => Ok(exit::OK),
+        Err(e) => {
+            let e = e.to_string();
+            // Local mode's messages may already name themselves.
+            let e = e.strip_prefix("fsb up: ").unwrap_or(&e);
+            Err(CliError::Other(anyhow::anyhow!(
+                "fsb up failed: {e}; see the log above (RUST_LOG=debug for more)"
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::{
+        cli::{Cli, Command},
+        config::ProcessEnv,
+    };
+
+    fn config(argv: &[&str]) -> Result<UpConfig, CliError> {
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let settings = Settings::resolve(&cli.global, &ProcessEnv::default()).unwrap();
+        let Command::Up(up) = cli.command else {
+            panic!("not up")
+        };
+        up_config(&up, &settings)
+    }
+
+    #[test]
+    fn flags_reach_the_up_config() {
+        let c = config(&[
+            "fsb",
+            "--data-dir",
+            "/d",
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "8",
+            "--runtime",
+            "crun",
+            "--mode",
+            "strong",
+            "--stop-grace",
+            "3",
+            "--stop-sandboxes-on-exit",
+            "--containerd-socket",
+            "/c.sock",
+        ])
+        .unwrap();
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.capacity, 8);
+        assert_eq!(c.default_runtime, Runtime::Crun);
+        assert_eq!(c.default_mode, DefaultMode::Strong);
+        assert_eq!(c.stop_grace, Duration::from_secs(3));
+        assert!(!c.keep_sandboxes);
+        assert_eq!(
+            c.containerd_socket.as_deref(),
+            Some(std::path::Path::new("/c.sock"))
+        );
+        assert_eq!(c.data_dir.root(), std::path::Path::new("/d"));
+    }
+
+    #[test]
+    fn defaults_keep_sandboxes_on_loopback() {
+        let c = config(&["fsb", "--data-dir", "/d", "up"]).unwrap();
+        assert!(c.keep_sandboxes);
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.listen.to_string(), fsb_local::DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn non_loopback_listen_is_bad_config() {
+        for listen in ["0.0.0.0:7370", "192.168.1.1:7370", "localhost"] {
+            let err = config(&["fsb", "--data-dir", "/d", "up", "--listen", listen]).unwrap_err();
+            assert_eq!(err.exit_code(), 64, "{listen}");
+        }
+        assert!(config(&["fsb", "--data-dir", "/d", "up", "--listen", "[::1]:7370"]).is_ok());
+    }
+}
