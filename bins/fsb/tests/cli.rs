@@ -907,6 +907,7 @@ fn bench_compare_raw_against_real_containerd() {
     ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    eprintln!("bench against the fake gateway and real containerd: {v}");
     // A real runc create takes milliseconds; the fake gateway answers in far less.
     let raw_p50 = v["raw"]["p50_ms"].as_f64().unwrap();
     assert!(raw_p50 > 1.0, "{v}");
