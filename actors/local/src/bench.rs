@@ -19,6 +19,7 @@
 use std::{
     future::Future,
     path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -72,6 +73,12 @@ pub enum BenchError {
         op: &'static str,
         /// What the gateway said (its code decides the CLI's exit code).
         status: tonic::Status,
+    },
+    /// `stop` was set; everything created so far has been removed.
+    #[error("interrupted after {done} creates per path; their sandboxes were removed")]
+    Interrupted {
+        /// Creates per path completed (warm-up included).
+        done: usize,
     },
     /// A raw containerd step failed.
     #[error("raw containerd: {op}: {source}")]
@@ -537,11 +544,14 @@ fn round_order(round: usize, compare_raw: bool) -> &'static [Lane] {
 }
 
 /// Measure. `channel` is a connection to the gateway; `token` goes in every
-/// request's `authorization: Bearer` header.
+/// request's `authorization: Bearer` header. `stop` is checked between batches: once
+/// set, the run ends with [`BenchError::Interrupted`] after the current batch is
+/// removed (never dropped half-way, which would leave sandboxes behind).
 pub async fn run(
     config: &BenchConfig,
     channel: Channel,
     token: Option<&str>,
+    stop: &AtomicBool,
 ) -> Result<BenchReport, BenchError> {
     if config.count == 0 || config.concurrency == 0 {
         return Err(BenchError::Config(
@@ -596,6 +606,9 @@ pub async fn run(
     let (mut fsb_samples, mut raw_samples) = (Vec::new(), Vec::new());
     let (mut done, mut round) = (0, 0);
     while done < total {
+        if stop.load(Ordering::SeqCst) {
+            return Err(BenchError::Interrupted { done });
+        }
         let n = config.concurrency.min(total - done);
         // Samples of this batch with index < warmup are discarded.
         let skip = config.warmup.saturating_sub(done).min(n);
@@ -722,8 +735,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_set_stop_flag_ends_the_run_before_any_create() {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let config = BenchConfig {
+            count: 3,
+            concurrency: 1,
+            warmup: 0,
+            image: "busybox".into(),
+            pool: "default".into(),
+            namespace: "default".into(),
+            runtime: None,
+            mode: None,
+            raw: None,
+        };
+        let err = run(&config, channel, None, &AtomicBool::new(true))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BenchError::Interrupted { done: 0 }), "{err}");
+    }
+
+    #[tokio::test]
     async fn batches_remove_what_they_created_even_when_one_create_fails() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::atomic::AtomicUsize;
         let made = AtomicUsize::new(0);
         let removed = AtomicUsize::new(0);
         let result = batch(

@@ -17,6 +17,7 @@ Exit codes:
   6   resource exhausted (no free slot or port)
   7   permission denied or unauthenticated (token)
   64  bad configuration (config file, manifest, --listen)
+  130 interrupted (Ctrl-C) after cleaning up (`run --rm`, `bench`)
   `run --rm` and `exec` exit with the process's exit code.
 
 Settings come from flags, then FSB_* environment variables, then the config file

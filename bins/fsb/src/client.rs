@@ -12,6 +12,7 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, Endpoint},
 };
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::{config::Settings, error::CliError};
 
@@ -51,6 +52,8 @@ impl Interceptor for BearerAuth {
 
 /// The fast-path client with authentication.
 pub(crate) type FastPath = FastPathClient<InterceptedService<Channel, BearerAuth>>;
+/// The health client with authentication.
+pub(crate) type Health = HealthClient<InterceptedService<Channel, BearerAuth>>;
 /// The images client with authentication.
 pub(crate) type Images = ImagesClient<InterceptedService<Channel, BearerAuth>>;
 
@@ -96,6 +99,11 @@ impl Conn {
 
     pub(crate) fn images(&self) -> Images {
         ImagesClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// gRPC health, with the token too (harmless where health is open).
+    pub(crate) fn health(&self) -> Health {
+        HealthClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 }
 

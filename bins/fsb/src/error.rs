@@ -16,6 +16,8 @@ pub(crate) mod exit {
     pub(crate) const EXHAUSTED: u8 = 6;
     pub(crate) const PERMISSION: u8 = 7;
     pub(crate) const BAD_CONFIG: u8 = 64;
+    /// 128 + SIGINT, as shells report an interrupted command.
+    pub(crate) const INTERRUPTED: u8 = 130;
 }
 
 /// What went wrong in a command.
@@ -40,6 +42,9 @@ pub(crate) enum CliError {
     /// A gRPC call failed; `what` says which (e.g. `get default/web`).
     #[error("{what}: {}; {}", one_line(status.message()), hint(status.code()))]
     Grpc { what: String, status: tonic::Status },
+    /// Stopped by Ctrl-C after cleaning up (exit 130, as a shell reports SIGINT).
+    #[error("{0}")]
+    Interrupted(String),
     /// Anything else (exit 1).
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
@@ -59,6 +64,7 @@ impl CliError {
             Self::NotRunning { .. } | Self::Unreachable { .. } => exit::UNAVAILABLE,
             Self::Permission(_) => exit::PERMISSION,
             Self::Grpc { status, .. } => code_exit(status.code()),
+            Self::Interrupted(_) => exit::INTERRUPTED,
             Self::Other(_) => exit::FAILURE,
         }
     }

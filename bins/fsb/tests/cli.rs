@@ -42,6 +42,8 @@ struct State {
     next: u32,
     /// Every CreateRequest received, for assertions.
     creates: Vec<fp::CreateRequest>,
+    /// Watch calls received.
+    watches: usize,
 }
 
 #[derive(Clone, Default)]
@@ -237,7 +239,8 @@ impl FastPath for FakeFastPath {
         req: Request<fp::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
+        st.watches += 1;
         let initial: Vec<Result<fp::WatchEvent, Status>> = st
             .sandboxes
             .values()
@@ -904,6 +907,7 @@ fn bench_compare_raw_against_real_containerd() {
     ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    eprintln!("bench against the fake gateway and real containerd: {v}");
     // A real runc create takes milliseconds; the fake gateway answers in far less.
     let raw_p50 = v["raw"]["p50_ms"].as_f64().unwrap();
     assert!(raw_p50 > 1.0, "{v}");
@@ -1032,4 +1036,54 @@ fn exec_exits_when_the_remote_process_does_even_if_stdin_stays_open() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn ctrl_c_during_run_rm_deletes_the_sandbox_and_exits_130() {
+    let f = Fixture::start();
+    let child = Command::new(env!("CARGO_BIN_EXE_fsb"))
+        .env("FSB_DATA_DIR", &f.data_dir)
+        .args(["run", "--rm", "--", "sleep", "600"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the watch is open, fsb is waiting (and its Ctrl-C handler is installed).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while f.state.lock().unwrap().watches == 0 {
+        assert!(std::time::Instant::now() < deadline, "fsb never watched");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(f.state.lock().unwrap().sandboxes.len(), 1);
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 130, "{}", stderr(&out));
+    assert!(
+        f.state.lock().unwrap().sandboxes.is_empty(),
+        "deleted on Ctrl-C"
+    );
+}
+
+#[test]
+fn the_request_id_flag_is_the_idempotency_key() {
+    let f = Fixture::start();
+    let out = f.fsb(&[
+        "run",
+        "--request-id",
+        "req-1",
+        "--name",
+        "a",
+        "--",
+        "sleep",
+        "1",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        f.state.lock().unwrap().creates.last().unwrap().request_id,
+        "req-1"
+    );
 }

@@ -1,5 +1,10 @@
 //! `fsb bench`: the CLI side of `fsb_local::bench` (flags in, report out).
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
 use fsb_core::spec::Runtime;
 use fsb_local::{
     DefaultMode,
@@ -51,15 +56,25 @@ pub(crate) fn bench_config(args: &BenchArgs, settings: &Settings) -> Result<Benc
 pub(crate) async fn bench(args: &BenchArgs, settings: &Settings) -> Result<u8, CliError> {
     let config = bench_config(args, settings)?;
     let conn = Conn::connect(settings).await?;
-    let report = bench::run(&config, conn.channel.clone(), conn.token.as_deref())
-        .await
-        .map_err(|e| match e {
-            BenchError::FastPath { op, status } => CliError::grpc(format!("bench: {op}"))(status),
-            BenchError::Config(m) => CliError::BadConfig(format!("bench: {m}")),
-            e @ BenchError::Raw { .. } => CliError::Other(anyhow::anyhow!(
-                "bench: {e}; is --containerd-socket the containerd `fsb up` uses (and are you root)?"
-            )),
-        })?;
+    // Ctrl-C ends the run after the current batch is removed, not half-way.
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_signal = stop.clone();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("fsb bench: interrupted; removing the current batch");
+            on_signal.store(true, Ordering::SeqCst);
+        }
+    });
+    let result = bench::run(&config, conn.channel.clone(), conn.token.as_deref(), &stop).await;
+    watcher.abort();
+    let report = result.map_err(|e| match e {
+        BenchError::FastPath { op, status } => CliError::grpc(format!("bench: {op}"))(status),
+        BenchError::Config(m) => CliError::BadConfig(format!("bench: {m}")),
+        e @ BenchError::Interrupted { .. } => CliError::Interrupted(format!("bench: {e}")),
+        e @ BenchError::Raw { .. } => CliError::Other(anyhow::anyhow!(
+            "bench: {e}; is --containerd-socket the containerd `fsb up` uses (and are you root)?"
+        )),
+    })?;
     if args.json {
         output::print(&format!("{}\n", report.to_json()));
     } else {

@@ -8,7 +8,7 @@ pub(crate) mod sandbox;
 pub(crate) mod up;
 
 use clap::CommandFactory;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::pb::HealthCheckRequest;
 
 use crate::{
     cli::{Cli, CompletionArgs},
@@ -23,8 +23,8 @@ pub(crate) async fn version(settings: &Settings) -> Result<u8, CliError> {
     output::print(&format!("client: fsb {}\n", env!("CARGO_PKG_VERSION")));
     let line = match Conn::connect(settings).await {
         Ok(conn) => {
-            let mut health = HealthClient::new(conn.channel.clone());
-            match health
+            match conn
+                .health()
                 .check(HealthCheckRequest {
                     service: "fastpath.v1.FastPath".to_owned(),
                 })

@@ -31,8 +31,6 @@ pub(crate) struct Explicit {
 
 /// After the process exits, how long the log stream may take to drain.
 const LOG_DRAIN: Duration = Duration::from_secs(5);
-/// Exit code after Ctrl-C (128 + SIGINT), as shells report it.
-const INTERRUPTED: u8 = 130;
 
 /// flag (command line) > manifest > environment > config.
 fn layer<T>(flag: Option<T>, explicit: bool, manifest: Option<T>, config: Option<T>) -> Option<T> {
@@ -267,6 +265,12 @@ pub(crate) async fn run(
         .map_err(CliError::grpc(what))?
         .into_inner();
     let sandbox = resp.sandbox.unwrap_or_default();
+    if resp.replayed {
+        eprintln!(
+            "fsb: {}/{} was created earlier with this --request-id; showing that result",
+            sandbox.namespace, sandbox.name
+        );
+    }
     if args.timings {
         let timeline = resp
             .timeline
@@ -285,7 +289,7 @@ pub(crate) async fn run(
     let name = sandbox.name.clone();
     let outcome = tokio::select! {
         r = follow_to_exit(&mut fast, &ns, &name) => r,
-        _ = tokio::signal::ctrl_c() => Ok(INTERRUPTED),
+        _ = tokio::signal::ctrl_c() => Ok(exit::INTERRUPTED),
     };
     // Delete whatever happened, then report the first failure.
     let deleted = fast
