@@ -201,3 +201,164 @@ async fn a_private_containerd_is_started_reused_and_stopped() {
             .is_err()
     );
 }
+
+/// Kills, should the test fail half-way, what a fully private local setup leaves:
+/// containerds, shims of its socket, sandbox processes.
+struct KillAllOnDrop {
+    socket: std::path::PathBuf,
+    pids: Vec<u32>,
+    armed: bool,
+}
+
+impl Drop for KillAllOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let needle = self.socket.display().to_string();
+        let mut pids = self.pids.clone();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// What `fsb up` does on a machine without a system containerd, end to end below the
+/// gateway: a private containerd, the busybox image loaded into it, a sandbox; then an
+/// `fsb up` restart that keeps sandboxes: containerd stops, the sandbox (under its
+/// shim) keeps running, the next containerd and agent adopt it.
+#[actix_rt::test]
+async fn kept_sandboxes_survive_a_private_containerd_restart() {
+    if version(Path::new(SYSTEM_SOCKET), ANSWER_TIMEOUT)
+        .await
+        .is_ok()
+    {
+        eprintln!("skipped: the system containerd answers, so fsb up would not start its own");
+        return;
+    }
+    let tmp = short_tmp();
+    let data = DataDir::new(tmp.path().join("d"));
+    let mut guard = KillAllOnDrop {
+        socket: private_socket(&data),
+        pids: Vec::new(),
+        armed: true,
+    };
+    let agent_config =
+        |containerd: fsb_agent::containerd::ContainerdConfig| fsb_agent::AgentConfig {
+            agent_id: fsb_core::AgentId::from("local"),
+            containerd,
+            log_dir: data.logs_dir(),
+            capacity: 4,
+            network: fsb_agent::NetworkMode::Join(
+                format!("/proc/{}/ns/net", std::process::id()).into(),
+            ),
+            default_runtime: fsb_core::spec::Runtime::Runc,
+            stop_grace: Duration::from_secs(5),
+            registry: fsb_agent::image::RegistryOptions::default(),
+            log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
+            log_retention: Duration::ZERO,
+        };
+
+    let first = ensure_containerd(&data, None, None).await.unwrap();
+    let first_pid = first.pid().unwrap();
+    guard.pids.push(first_pid);
+    let agent = AgentHandle::start(agent_config(first.config().clone()))
+        .await
+        .unwrap();
+    let image = ensure_local_image(
+        agent.images(),
+        &tmp.path().join("work"),
+        Path::new(fsb_local::busybox::DEFAULT_BUSYBOX),
+    )
+    .await
+    .unwrap();
+    assert!(image.loaded, "a new containerd root holds no image");
+    let spec = SandboxSpec {
+        namespace: "default".into(),
+        name: "kept".into(),
+        pool_ref: "local".into(),
+        image: LOCAL_IMAGE.into(),
+        command: vec!["sleep".into(), "3600".into()],
+        ..SandboxSpec::default()
+    }
+    .validate(&SpecLimits::default())
+    .unwrap();
+    let id = SandboxId::generate();
+    let created = agent
+        .create(CreateSandbox {
+            id: id.clone(),
+            namespace: "default".into(),
+            name: "kept".into(),
+            claim_uid: String::new(),
+            spec,
+        })
+        .await
+        .unwrap();
+    guard.pids.push(created.pid);
+    // The sandbox ran with the runtime state under the data directory.
+    assert!(
+        data.root()
+            .join("runtime/runc/fast-sandbox")
+            .join(id.as_str())
+            .is_dir()
+    );
+
+    // `fsb up` stops (keeping sandboxes): containerd goes, the sandbox stays.
+    first.stop().await.unwrap();
+    assert!(!process_alive(first_pid));
+    assert!(
+        process_alive(created.pid),
+        "the sandbox survives containerd"
+    );
+
+    // The next `fsb up`: a new private containerd, a new agent that adopts the sandbox.
+    let second = ensure_containerd(&data, None, None).await.unwrap();
+    let second_pid = second.pid().unwrap();
+    guard.pids.push(second_pid);
+    assert_eq!(
+        second.source(),
+        ContainerdSource::Private {
+            pid: second_pid,
+            started: true
+        }
+    );
+    let adopted = AgentHandle::start(agent_config(second.config().clone()))
+        .await
+        .unwrap();
+    let record = adopted
+        .inventory()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == id)
+        .expect("the new agent adopts the kept sandbox");
+    assert_eq!(record.phase, SandboxPhase::Running);
+    let image = ensure_local_image(
+        adopted.images(),
+        &tmp.path().join("work"),
+        Path::new(fsb_local::busybox::DEFAULT_BUSYBOX),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !image.loaded,
+        "the image survives in the data directory's containerd root"
+    );
+
+    adopted.delete(id, Some(Duration::ZERO)).await.unwrap();
+    assert!(!process_alive(created.pid));
+    second.stop().await.unwrap();
+    assert!(!process_alive(second_pid));
+    guard.armed = false;
+}

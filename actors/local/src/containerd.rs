@@ -167,7 +167,10 @@ impl LocalContainerd {
             return Ok(());
         };
         let pid = private.pid;
-        terminate(pid, &mut private.child, private.stop_grace).await?;
+        // An adopted pid is checked again: it may have exited and been reused since.
+        if private.child.is_some() || is_our_containerd(pid, &private.config_file) {
+            terminate(pid, &mut private.child, private.stop_grace).await?;
+        }
         // Only remove the pid file if it still names this process.
         if read_pid(&private.pid_file) == Some(pid) {
             let _ = std::fs::remove_file(&private.pid_file);
@@ -450,9 +453,14 @@ fn start_failed(paths: &PrivatePaths, what: &str) -> LocalError {
     let tail = std::fs::read_to_string(&paths.log)
         .map(|log| log_tail(&log, LOG_TAIL_LINES))
         .unwrap_or_default();
+    let root_hint = if rustix::process::geteuid().is_root() {
+        ""
+    } else {
+        " (not running as root: containerd needs root, run fsb up as root)"
+    };
     LocalError::Setup(format!(
-        "{what}; see {} (last lines below), or pass --containerd-socket to use another \
-         containerd\n{tail}",
+        "{what}{root_hint}; see {} (last lines below), or pass --containerd-socket to use \
+         another containerd\n{tail}",
         paths.log.display()
     ))
 }
@@ -898,6 +906,36 @@ mod tests {
             err.contains("config.toml"),
             "the log shows the arguments: {err}"
         );
+        assert!(!dir.containerd_dir().join("containerd.pid").exists());
+    }
+
+    #[tokio::test]
+    async fn a_containerd_that_never_answers_is_stopped_at_the_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        let fake = tmp.path().join("mute-containerd");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh
+echo 'waiting for a lock'
+exec sleep 600
+",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let options = ContainerdOptions {
+            system_socket: tmp.path().join("no-system.sock"),
+            containerd_binary: Some(fake),
+            start_timeout: Duration::from_millis(300),
+            stop_grace: Duration::from_secs(2),
+            ..ContainerdOptions::default()
+        };
+        let err = ensure_containerd_with(&dir, &options)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not answer"), "{err}");
+        assert!(err.contains("waiting for a lock"), "{err}");
         assert!(!dir.containerd_dir().join("containerd.pid").exists());
     }
 }
