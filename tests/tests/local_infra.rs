@@ -301,6 +301,7 @@ async fn kept_sandboxes_survive_a_private_containerd_restart() {
             namespace: "default".into(),
             name: "kept".into(),
             claim_uid: String::new(),
+            request_id: String::new(),
             spec,
         })
         .await

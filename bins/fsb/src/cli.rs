@@ -171,7 +171,12 @@ pub(crate) struct UpArgs {
     #[arg(long, env = "FSB_AGENT_ID", default_value = fsb_local::LOCAL_AGENT)]
     pub(crate) agent_id: String,
     /// Debian's busybox-static, from which the offline image fsb.local/busybox is built.
-    #[arg(long, env = "FSB_BUSYBOX", default_value = "/bin/busybox", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "FSB_BUSYBOX",
+        default_value = "/bin/busybox",
+        value_name = "PATH"
+    )]
     pub(crate) busybox: PathBuf,
 }
 
