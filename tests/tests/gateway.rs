@@ -756,12 +756,13 @@ async fn a_create_past_its_grpc_deadline_leaves_nothing() {
 
 #[actix_rt::test]
 async fn a_create_dropped_by_its_client_leaves_nothing() {
-    let fx = GatewayFixture::start("gw-dropped", 4).await.unwrap();
+    let fx = GatewayFixture::start("gw-dropped", 16).await.unwrap();
     let mut c = fx.client().await.unwrap();
     let ns = namespace("dropped");
     let spec = shell(&fx, "sleep 600");
     // Different points of the create: before, during and after the reservation, the
-    // allocation and the agent call.
+    // allocation and the agent call. Capacity 16: a cancelled create holds its slot
+    // until its cleanup has removed the container.
     let cuts = [1u64, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144];
     for (i, ms) in cuts.iter().enumerate() {
         let name = format!("cut-{i}");

@@ -5,9 +5,10 @@
 //! Create, in order: validate -> replay if the request id is recorded -> reserve the
 //! name and request id (gateway actor) -> allocate (registry actor) -> STRONG: record
 //! -> agent create (bounded by the client's deadline) -> FAST: record in the
-//! background, retried with backoff, tracked until it lands. The part after the
-//! reservation runs in its own task, so a client that goes away cannot cut it in
-//! half: it finishes and then removes what it made. Every failure path undoes what
+//! background, retried with backoff, tracked until it lands. The part after
+//! validation runs in its own task (so does a delete), so a client that goes away
+//! cannot cut it in half or strand a reservation: it finishes, releases what it
+//! took, and a create then removes what it made. Every failure path undoes what
 //! was done before it (record, slot, container), so a create either yields a
 //! running, recorded sandbox or leaves nothing behind.
 
@@ -365,8 +366,59 @@ impl<S: SandboxStore> Gateway<S> {
         let digest = spec.digest();
         timeline.stage("validate");
 
+        // The rest runs detached from the caller: tonic drops a handler's future when
+        // its client cancels or its deadline passes, and a future dropped between
+        // taking the reservation and handing the work to a task would keep the name
+        // and request id reserved forever (every later create of that name: Busy).
+        // Detached, the work always ends by releasing what it took; if the client is
+        // gone by then, the sandbox it will never learn about is removed.
+        let (tx, rx) = oneshot::channel();
+        let this = self.clone();
+        let validated = Validated {
+            request_id,
+            mode,
+            spec,
+            digest,
+            expire_time_ms,
+            reset_revision,
+            deadline: deadline.map(|d| received + d),
+            timeline,
+        };
+        tokio::spawn(async move {
+            let (result, made) = match this.create_detached(validated).await {
+                Ok((resp, made)) => (Ok(resp), made),
+                Err(e) => (Err(e), None),
+            };
+            if let (Err(Ok(_)), Some(key)) = (tx.send(result), made) {
+                // The client went away: undo the create it will never learn about.
+                tracing::info!(sandbox = %key.1, namespace = %key.0, "client cancelled; removing its sandbox");
+                if let Err(e) = this.delete(key.0.as_str(), key.1.as_str(), Some(0)).await {
+                    tracing::warn!(error = %e, "removing a cancelled create failed; the sweeper retries");
+                }
+            }
+        });
+        rx.await
+            .map_err(|_| GatewayError::Internal("create task ended without answering".into()))?
+    }
+
+    /// A validated create, detached from its caller: replay, reserve, create. Returns
+    /// the answer and, if this call made a new sandbox, its key.
+    async fn create_detached(
+        &self,
+        v: Validated,
+    ) -> Result<(fp::CreateResponse, Option<Key>), GatewayError> {
+        let Validated {
+            request_id,
+            mode,
+            spec,
+            digest,
+            expire_time_ms,
+            reset_revision,
+            deadline,
+            timeline,
+        } = v;
         if let Some(rec) = self.inner.store.get_by_request_id(&request_id).await? {
-            return replay(&rec, digest, mode);
+            return replay(&rec, digest, mode).map(|r| (r, None));
         }
         let sandbox_id = SandboxId::generate();
         let name = match &spec.name {
@@ -381,7 +433,7 @@ impl<S: SandboxStore> Gateway<S> {
             .await?
         {
             Reservation::Granted => {}
-            Reservation::InFlight(rx) => return wait_outcome(rx, mode).await,
+            Reservation::InFlight(rx) => return wait_outcome(rx, mode).await.map(|r| (r, None)),
             Reservation::NameBusy => return Err(busy(&key)),
             Reservation::RequestIdReused { key: other } => {
                 return Err(GatewayError::AlreadyExists(format!(
@@ -392,10 +444,17 @@ impl<S: SandboxStore> Gateway<S> {
         }
         // The name may exist already (created earlier, or recorded by a FAST create
         // that landed after our request-id lookup).
-        if self.inner.store.get(&key.0, &key.1).await?.is_some() {
+        let existing = match self.inner.store.get(&key.0, &key.1).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.inner.actor.release(key.clone());
+                return Err(e.into());
+            }
+        };
+        if existing.is_some() {
             self.inner.actor.release(key.clone());
             if let Some(rec) = self.inner.store.get_by_request_id(&request_id).await? {
-                return replay(&rec, digest, mode);
+                return replay(&rec, digest, mode).map(|r| (r, None));
             }
             return Err(GatewayError::AlreadyExists(format!(
                 "sandbox {}/{} already exists",
@@ -403,8 +462,6 @@ impl<S: SandboxStore> Gateway<S> {
             )));
         }
 
-        let (tx, rx) = oneshot::channel();
-        let this = self.clone();
         let work = Create {
             key: key.clone(),
             request_id,
@@ -413,37 +470,26 @@ impl<S: SandboxStore> Gateway<S> {
             expire_time_ms,
             reset_revision,
             mode,
-            deadline: deadline.map(|d| received + d),
+            deadline,
             timeline,
         };
-        tokio::spawn(async move {
-            let result = this.create_reserved(work).await;
-            let actor = &this.inner.actor;
-            match &result {
-                Ok((resp, recorded)) => {
-                    actor.publish(key.clone(), Outcome::Done(Box::new(resp.clone())));
-                    // A FAST create keeps its reservation until the record lands.
-                    if *recorded {
-                        actor.release(key.clone());
-                    }
-                }
-                Err(e) => {
-                    let code = fsb_core::error::to_status(e).code();
-                    actor.publish(key.clone(), Outcome::Failed(code, e.to_string()));
+        let result = self.create_reserved(work).await;
+        let actor = &self.inner.actor;
+        match &result {
+            Ok((resp, recorded)) => {
+                actor.publish(key.clone(), Outcome::Done(Box::new(resp.clone())));
+                // A FAST create keeps its reservation until the record lands.
+                if *recorded {
                     actor.release(key.clone());
                 }
             }
-            if let Err(Ok(_)) = tx.send(result) {
-                // The client went away: undo the create it will never learn about.
-                tracing::info!(sandbox = %key.1, namespace = %key.0, "client cancelled; removing its sandbox");
-                if let Err(e) = this.delete(key.0.as_str(), key.1.as_str(), Some(0)).await {
-                    tracing::warn!(error = %e, "removing a cancelled create failed; the sweeper retries");
-                }
+            Err(e) => {
+                let code = fsb_core::error::to_status(e).code();
+                actor.publish(key.clone(), Outcome::Failed(code, e.to_string()));
+                actor.release(key.clone());
             }
-        });
-        rx.await
-            .map_err(|_| GatewayError::Internal("create task ended without answering".into()))?
-            .map(|(resp, _)| resp)
+        }
+        result.map(|(resp, _)| (resp, Some(key)))
     }
 
     /// The create after its reservation. Returns the answer and whether the record is
@@ -930,8 +976,18 @@ impl<S: SandboxStore> Gateway<S> {
         grace_seconds: Option<u32>,
     ) -> Result<(), GatewayError> {
         let key = Self::key(namespace, name)?;
-        self.exclusive(&key, self.delete_held(&key, grace_seconds))
-            .await
+        // Detached from the caller, like create: a handler future dropped while it
+        // holds the name (client cancelled, deadline passed) would never release it,
+        // leaving the sandbox Terminating for good (the sweeper could not take it
+        // either). An accepted delete runs to its end; a cancelled caller just does
+        // not hear how it went.
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.exclusive(&key, this.delete_held(&key, grace_seconds))
+                .await
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("delete task failed: {e}")))?
     }
 
     async fn delete_held(&self, key: &Key, grace: Option<u32>) -> Result<(), GatewayError> {
@@ -1387,6 +1443,18 @@ fn adopt(
         created_ms: convert::now_ms(),
         resource_version: 0,
     })
+}
+
+/// A create that passed validation, before its reservation.
+struct Validated {
+    request_id: RequestId,
+    mode: fp::ConsistencyMode,
+    spec: ValidSpec,
+    digest: fsb_core::spec::SpecDigest,
+    expire_time_ms: Option<i64>,
+    reset_revision: i64,
+    deadline: Option<Instant>,
+    timeline: Timeline,
 }
 
 /// The work of one create after its reservation.
