@@ -150,6 +150,12 @@ struct Inner<S> {
     /// FAST creates answered but not yet recorded, by key: Get, List and exit events
     /// see them here until the record lands.
     pending: DashMap<Key, StoredSandbox>,
+    /// Sandboxes whose agent create is in flight, with the exit seen meanwhile. The
+    /// agent can report an exit (a process that ends at once, e.g. `true`) before it
+    /// answers the create, when neither `pending` nor the store can take it yet; the
+    /// exit was lost (FAST: the sandbox showed Running forever) or overwritten by the
+    /// create's own Running write (STRONG). The create applies it once it is done.
+    starting: DashMap<SandboxId, Option<(Phase, Option<i32>)>>,
     writes: Arc<Writes>,
     accepting: AtomicBool,
 }
@@ -239,6 +245,7 @@ impl<S: SandboxStore> Gateway<S> {
                 actor: GatewayHandle::start(),
                 agents: DashMap::new(),
                 pending: DashMap::new(),
+                starting: DashMap::new(),
                 writes: Arc::new(Writes::default()),
                 accepting: AtomicBool::new(false),
             }),
@@ -426,20 +433,33 @@ impl<S: SandboxStore> Gateway<S> {
             None => SandboxName::parse("name", &format!("sbx-{}", &sandbox_id.as_str()[..10]))?,
         };
         let key: Key = (spec.namespace.clone(), name);
-        match self
-            .inner
-            .actor
-            .reserve_create(key.clone(), request_id.clone(), digest)
-            .await?
-        {
-            Reservation::Granted => {}
-            Reservation::InFlight(rx) => return wait_outcome(rx, mode).await.map(|r| (r, None)),
-            Reservation::NameBusy => return Err(busy(&key)),
-            Reservation::RequestIdReused { key: other } => {
-                return Err(GatewayError::AlreadyExists(format!(
-                    "request_id: {request_id} is creating {}/{} with a different spec",
-                    other.0, other.1
-                )));
+        // A name held by a delete, reset or sweep is free again in moments: wait for
+        // it (as deletes do, bounded, and never past the client's deadline) rather
+        // than fail a create that follows a finished delete because background work
+        // still touched the name.
+        let wait_until = (Instant::now() + Duration::from_secs(5))
+            .min(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(5)));
+        loop {
+            match self
+                .inner
+                .actor
+                .reserve_create(key.clone(), request_id.clone(), digest)
+                .await?
+            {
+                Reservation::Granted => break,
+                Reservation::InFlight(rx) => {
+                    return wait_outcome(rx, mode).await.map(|r| (r, None));
+                }
+                Reservation::NameBusy if Instant::now() < wait_until => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Reservation::NameBusy => return Err(busy(&key)),
+                Reservation::RequestIdReused { key: other } => {
+                    return Err(GatewayError::AlreadyExists(format!(
+                        "request_id: {request_id} is creating {}/{} with a different spec",
+                        other.0, other.1
+                    )));
+                }
             }
         }
         // The name may exist already (created earlier, or recorded by a FAST create
@@ -568,6 +588,7 @@ impl<S: SandboxStore> Gateway<S> {
             spec: Some(convert::spec(&c.spec, c.expire_time_ms, c.reset_revision)),
             runtime: fp::Runtime::Unspecified as i32,
         };
+        inner.starting.insert(c.sandbox_id.clone(), None);
         let started = Instant::now();
         let call = client.create(agent_req);
         let answer = match c.deadline {
@@ -584,6 +605,7 @@ impl<S: SandboxStore> Gateway<S> {
         let created = match answer {
             Ok(created) => created,
             Err(e) => {
+                inner.starting.remove(&c.sandbox_id);
                 // The agent runs a delete after its create (same sandbox actor), so this
                 // also removes a container whose create outlived our deadline.
                 if let Err(d) = client.delete(c.sandbox_id.clone(), Some(0)).await {
@@ -614,11 +636,27 @@ impl<S: SandboxStore> Gateway<S> {
             })
             .to_owned();
 
+        // Take the exit seen during the agent call only after the record can take
+        // later ones (STRONG: written Running; FAST: in `pending`), so none is lost.
+        let early = |inner: &Inner<S>| inner.starting.remove(&c.sandbox_id).and_then(|(_, e)| e);
         if strong {
             record.phase = Phase::Running;
             record = self.write_phase(record).await;
+            if let Some((phase, exit_code)) = early(inner) {
+                record.phase = phase;
+                record.exit_code = exit_code;
+                record = self.write_phase(record).await;
+            }
         } else {
             inner.pending.insert(c.key.clone(), record.clone());
+            if let Some((phase, exit_code)) = early(inner) {
+                record.phase = phase;
+                record.exit_code = exit_code;
+                if let Some(mut p) = inner.pending.get_mut(&c.key) {
+                    p.phase = phase;
+                    p.exit_code = exit_code;
+                }
+            }
             self.spawn_record_writer(c.key.clone());
         }
         let timeline = c.timeline.finish(&path, note);
@@ -965,6 +1003,23 @@ impl<S: SandboxStore> Gateway<S> {
         result
     }
 
+    /// Like [`Self::exclusive`], but `None` at once if `key` is held or its FAST record
+    /// is still being written. For the sweeper: whoever holds the key is doing the
+    /// work. A sweep that waited instead took the key the moment a client's delete
+    /// released it, so the client's next create of that name failed with Busy.
+    async fn try_exclusive<T, F>(&self, key: &Key, op: F) -> Result<Option<T>, GatewayError>
+    where
+        F: std::future::Future<Output = Result<T, GatewayError>>,
+    {
+        if self.inner.pending.contains_key(key) || !self.inner.actor.reserve_op(key.clone()).await?
+        {
+            return Ok(None);
+        }
+        let result = op.await;
+        self.inner.actor.release(key.clone());
+        result.map(Some)
+    }
+
     /// Delete: Terminating, stop and remove the container (SIGTERM, grace, SIGKILL),
     /// free the slot, remove the record. If the agent fails, the record stays
     /// Terminating and the sweeper retries; the slot is freed only once the container
@@ -1183,6 +1238,10 @@ impl<S: SandboxStore> Gateway<S> {
             SandboxPhase::Failed => Phase::Failed,
             SandboxPhase::Creating | SandboxPhase::Running | SandboxPhase::Deleting => return,
         };
+        if let Some(mut early) = self.inner.starting.get_mut(&change.id) {
+            *early = Some((phase, change.exit_code));
+            return;
+        }
         for mut p in self.inner.pending.iter_mut() {
             if p.sandbox_id == change.id {
                 p.phase = phase;
@@ -1234,14 +1293,15 @@ impl<S: SandboxStore> Gateway<S> {
             let expired = rec.expire_time_ms.is_some_and(|t| t <= now)
                 && !matches!(rec.phase, Phase::Expired | Phase::Terminating);
             let result = if expired {
-                self.exclusive(&key, self.expire_held(&key)).await
+                self.try_exclusive(&key, self.expire_held(&key)).await
             } else if rec.phase == Phase::Terminating {
-                self.exclusive(&key, self.delete_held(&key, None)).await
+                self.try_exclusive(&key, self.delete_held(&key, None)).await
             } else {
                 continue;
             };
             match result {
-                Ok(()) => acted += 1,
+                Ok(Some(())) => acted += 1,
+                Ok(None) => {}
                 Err(e) => tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "sweep"),
             }
         }
