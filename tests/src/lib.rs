@@ -8,6 +8,8 @@
 //!
 //! - [`containerd`]: [`ContainerdEnv`] (socket, namespace, image, runtimes), namespaced
 //!   requests, runc-shim options for runc / crun / gVisor, container cleanup.
+//! - [`gateway`]: [`GatewayFixture`], the fast-path gateway over a real agent, the
+//!   registry and a SQLite store, served over gRPC with a token.
 //! - [`image`]: resolve an image in containerd's store to its config and rootfs chain id.
 //! - [`wait`]: [`wait_until`], polling with a deadline (tests never sleep a fixed time).
 //! - [`unique_id`]: fixed-width container ids (runsc matches ids by prefix).
@@ -23,6 +25,7 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod gateway;
 pub mod image;
 pub mod local;
 pub mod spec;
@@ -30,6 +33,7 @@ pub mod wait;
 
 pub use agent::{agent_config, container_runtime, containerd_config, shell_plan};
 pub use containerd::{ContainerdEnv, RUNC_SHIM, RuncOptions, TestRuntime};
+pub use gateway::{GatewayFixture, GatewayParts, Leftovers};
 pub use image::{ResolvedImage, chain_id, read_content, resolve_image};
 pub use spec::minimal_oci_spec;
 pub use wait::wait_until;

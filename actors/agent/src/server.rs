@@ -141,16 +141,25 @@ impl AgentService {
         let (exited_tx, exited_rx) = tokio::sync::watch::channel(ended(record.phase));
         if !ended(record.phase) {
             let watched = id.clone();
+            let agent = self.agent.clone();
+            let deleting = record.phase == SandboxPhase::Deleting;
             tokio::spawn(async move {
-                loop {
+                let mut deleting = deleting;
+                while !deleting {
                     match changes.recv().await {
                         Ok(c) if c.id == watched && ended(c.phase) => break,
+                        Ok(c) if c.id == watched && c.phase == SandboxPhase::Deleting => {
+                            deleting = true;
+                        }
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     }
                     if exited_tx.is_closed() {
                         return;
                     }
+                }
+                if deleting {
+                    wait_deleted(&agent, &watched, &exited_tx).await;
                 }
                 let _ = exited_tx.send(true);
             });
@@ -354,9 +363,28 @@ impl Agent for AgentService {
 }
 
 /// Whether a sandbox's process is over (logs can end after draining).
+/// Whether the process has exited. Not `Deleting`: a delete sends SIGTERM and the
+/// process may still write (its shutdown output) until it exits within the grace
+/// period; the agent reports no exit during a delete, so a follower waits for the
+/// delete to finish instead (see [`wait_deleted`]). Ending the follow when the delete
+/// starts cut that output off.
 fn ended(phase: SandboxPhase) -> bool {
-    matches!(
-        phase,
-        SandboxPhase::Succeeded | SandboxPhase::Failed | SandboxPhase::Deleting
-    )
+    matches!(phase, SandboxPhase::Succeeded | SandboxPhase::Failed)
+}
+
+/// Wait until the agent no longer holds `id` (its delete finished: the process is
+/// gone and has written everything), or the follower went away.
+async fn wait_deleted(
+    agent: &AgentHandle,
+    id: &SandboxId,
+    follower: &tokio::sync::watch::Sender<bool>,
+) {
+    while !follower.is_closed() {
+        match agent.inventory().await {
+            Ok(inv) if inv.iter().any(|r| &r.id == id) => {}
+            // Gone, or the agent stopped (nothing more will be written).
+            _ => return,
+        }
+        tokio::time::sleep(logs::POLL_INTERVAL).await;
+    }
 }

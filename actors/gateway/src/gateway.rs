@@ -5,9 +5,10 @@
 //! Create, in order: validate -> replay if the request id is recorded -> reserve the
 //! name and request id (gateway actor) -> allocate (registry actor) -> STRONG: record
 //! -> agent create (bounded by the client's deadline) -> FAST: record in the
-//! background, retried with backoff, tracked until it lands. The part after the
-//! reservation runs in its own task, so a client that goes away cannot cut it in
-//! half: it finishes and then removes what it made. Every failure path undoes what
+//! background, retried with backoff, tracked until it lands. The part after
+//! validation runs in its own task (so does a delete), so a client that goes away
+//! cannot cut it in half or strand a reservation: it finishes, releases what it
+//! took, and a create then removes what it made. Every failure path undoes what
 //! was done before it (record, slot, container), so a create either yields a
 //! running, recorded sandbox or leaves nothing behind.
 
@@ -149,6 +150,12 @@ struct Inner<S> {
     /// FAST creates answered but not yet recorded, by key: Get, List and exit events
     /// see them here until the record lands.
     pending: DashMap<Key, StoredSandbox>,
+    /// Sandboxes whose agent create is in flight, with the exit seen meanwhile. The
+    /// agent can report an exit (a process that ends at once, e.g. `true`) before it
+    /// answers the create, when neither `pending` nor the store can take it yet; the
+    /// exit was lost (FAST: the sandbox showed Running forever) or overwritten by the
+    /// create's own Running write (STRONG). The create applies it once it is done.
+    starting: DashMap<SandboxId, Option<(Phase, Option<i32>)>>,
     writes: Arc<Writes>,
     accepting: AtomicBool,
 }
@@ -238,6 +245,7 @@ impl<S: SandboxStore> Gateway<S> {
                 actor: GatewayHandle::start(),
                 agents: DashMap::new(),
                 pending: DashMap::new(),
+                starting: DashMap::new(),
                 writes: Arc::new(Writes::default()),
                 accepting: AtomicBool::new(false),
             }),
@@ -365,75 +373,30 @@ impl<S: SandboxStore> Gateway<S> {
         let digest = spec.digest();
         timeline.stage("validate");
 
-        if let Some(rec) = self.inner.store.get_by_request_id(&request_id).await? {
-            return replay(&rec, digest, mode);
-        }
-        let sandbox_id = SandboxId::generate();
-        let name = match &spec.name {
-            Some(n) => n.clone(),
-            None => SandboxName::parse("name", &format!("sbx-{}", &sandbox_id.as_str()[..10]))?,
-        };
-        let key: Key = (spec.namespace.clone(), name);
-        match self
-            .inner
-            .actor
-            .reserve_create(key.clone(), request_id.clone(), digest)
-            .await?
-        {
-            Reservation::Granted => {}
-            Reservation::InFlight(rx) => return wait_outcome(rx, mode).await,
-            Reservation::NameBusy => return Err(busy(&key)),
-            Reservation::RequestIdReused { key: other } => {
-                return Err(GatewayError::AlreadyExists(format!(
-                    "request_id: {request_id} is creating {}/{} with a different spec",
-                    other.0, other.1
-                )));
-            }
-        }
-        // The name may exist already (created earlier, or recorded by a FAST create
-        // that landed after our request-id lookup).
-        if self.inner.store.get(&key.0, &key.1).await?.is_some() {
-            self.inner.actor.release(key.clone());
-            if let Some(rec) = self.inner.store.get_by_request_id(&request_id).await? {
-                return replay(&rec, digest, mode);
-            }
-            return Err(GatewayError::AlreadyExists(format!(
-                "sandbox {}/{} already exists",
-                key.0, key.1
-            )));
-        }
-
+        // The rest runs detached from the caller: tonic drops a handler's future when
+        // its client cancels or its deadline passes, and a future dropped between
+        // taking the reservation and handing the work to a task would keep the name
+        // and request id reserved forever (every later create of that name: Busy).
+        // Detached, the work always ends by releasing what it took; if the client is
+        // gone by then, the sandbox it will never learn about is removed.
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
-        let work = Create {
-            key: key.clone(),
+        let validated = Validated {
             request_id,
-            sandbox_id,
+            mode,
             spec,
+            digest,
             expire_time_ms,
             reset_revision,
-            mode,
             deadline: deadline.map(|d| received + d),
             timeline,
         };
         tokio::spawn(async move {
-            let result = this.create_reserved(work).await;
-            let actor = &this.inner.actor;
-            match &result {
-                Ok((resp, recorded)) => {
-                    actor.publish(key.clone(), Outcome::Done(Box::new(resp.clone())));
-                    // A FAST create keeps its reservation until the record lands.
-                    if *recorded {
-                        actor.release(key.clone());
-                    }
-                }
-                Err(e) => {
-                    let code = fsb_core::error::to_status(e).code();
-                    actor.publish(key.clone(), Outcome::Failed(code, e.to_string()));
-                    actor.release(key.clone());
-                }
-            }
-            if let Err(Ok(_)) = tx.send(result) {
+            let (result, made) = match this.create_detached(validated).await {
+                Ok((resp, made)) => (Ok(resp), made),
+                Err(e) => (Err(e), None),
+            };
+            if let (Err(Ok(_)), Some(key)) = (tx.send(result), made) {
                 // The client went away: undo the create it will never learn about.
                 tracing::info!(sandbox = %key.1, namespace = %key.0, "client cancelled; removing its sandbox");
                 if let Err(e) = this.delete(key.0.as_str(), key.1.as_str(), Some(0)).await {
@@ -443,7 +406,110 @@ impl<S: SandboxStore> Gateway<S> {
         });
         rx.await
             .map_err(|_| GatewayError::Internal("create task ended without answering".into()))?
-            .map(|(resp, _)| resp)
+    }
+
+    /// A validated create, detached from its caller: replay, reserve, create. Returns
+    /// the answer and, if this call made a new sandbox, its key.
+    async fn create_detached(
+        &self,
+        v: Validated,
+    ) -> Result<(fp::CreateResponse, Option<Key>), GatewayError> {
+        let Validated {
+            request_id,
+            mode,
+            spec,
+            digest,
+            expire_time_ms,
+            reset_revision,
+            deadline,
+            timeline,
+        } = v;
+        if let Some(rec) = self.inner.store.get_by_request_id(&request_id).await? {
+            return replay(&rec, digest, mode).map(|r| (r, None));
+        }
+        let sandbox_id = SandboxId::generate();
+        let name = match &spec.name {
+            Some(n) => n.clone(),
+            None => SandboxName::parse("name", &format!("sbx-{}", &sandbox_id.as_str()[..10]))?,
+        };
+        let key: Key = (spec.namespace.clone(), name);
+        // A name held by a delete, reset or sweep is free again in moments: wait for
+        // it (as deletes do, bounded, and never past the client's deadline) rather
+        // than fail a create that follows a finished delete because background work
+        // still touched the name.
+        let wait_until = (Instant::now() + Duration::from_secs(5))
+            .min(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(5)));
+        loop {
+            match self
+                .inner
+                .actor
+                .reserve_create(key.clone(), request_id.clone(), digest)
+                .await?
+            {
+                Reservation::Granted => break,
+                Reservation::InFlight(rx) => {
+                    return wait_outcome(rx, mode).await.map(|r| (r, None));
+                }
+                Reservation::NameBusy if Instant::now() < wait_until => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Reservation::NameBusy => return Err(busy(&key)),
+                Reservation::RequestIdReused { key: other } => {
+                    return Err(GatewayError::AlreadyExists(format!(
+                        "request_id: {request_id} is creating {}/{} with a different spec",
+                        other.0, other.1
+                    )));
+                }
+            }
+        }
+        // The name may exist already (created earlier, or recorded by a FAST create
+        // that landed after our request-id lookup).
+        let existing = match self.inner.store.get(&key.0, &key.1).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.inner.actor.release(key.clone());
+                return Err(e.into());
+            }
+        };
+        if existing.is_some() {
+            self.inner.actor.release(key.clone());
+            if let Some(rec) = self.inner.store.get_by_request_id(&request_id).await? {
+                return replay(&rec, digest, mode).map(|r| (r, None));
+            }
+            return Err(GatewayError::AlreadyExists(format!(
+                "sandbox {}/{} already exists",
+                key.0, key.1
+            )));
+        }
+
+        let work = Create {
+            key: key.clone(),
+            request_id,
+            sandbox_id,
+            spec,
+            expire_time_ms,
+            reset_revision,
+            mode,
+            deadline,
+            timeline,
+        };
+        let result = self.create_reserved(work).await;
+        let actor = &self.inner.actor;
+        match &result {
+            Ok((resp, recorded)) => {
+                actor.publish(key.clone(), Outcome::Done(Box::new(resp.clone())));
+                // A FAST create keeps its reservation until the record lands.
+                if *recorded {
+                    actor.release(key.clone());
+                }
+            }
+            Err(e) => {
+                let code = fsb_core::error::to_status(e).code();
+                actor.publish(key.clone(), Outcome::Failed(code, e.to_string()));
+                actor.release(key.clone());
+            }
+        }
+        result.map(|(resp, _)| (resp, Some(key)))
     }
 
     /// The create after its reservation. Returns the answer and whether the record is
@@ -522,6 +588,7 @@ impl<S: SandboxStore> Gateway<S> {
             spec: Some(convert::spec(&c.spec, c.expire_time_ms, c.reset_revision)),
             runtime: fp::Runtime::Unspecified as i32,
         };
+        inner.starting.insert(c.sandbox_id.clone(), None);
         let started = Instant::now();
         let call = client.create(agent_req);
         let answer = match c.deadline {
@@ -538,6 +605,7 @@ impl<S: SandboxStore> Gateway<S> {
         let created = match answer {
             Ok(created) => created,
             Err(e) => {
+                inner.starting.remove(&c.sandbox_id);
                 // The agent runs a delete after its create (same sandbox actor), so this
                 // also removes a container whose create outlived our deadline.
                 if let Err(d) = client.delete(c.sandbox_id.clone(), Some(0)).await {
@@ -568,11 +636,27 @@ impl<S: SandboxStore> Gateway<S> {
             })
             .to_owned();
 
+        // Take the exit seen during the agent call only after the record can take
+        // later ones (STRONG: written Running; FAST: in `pending`), so none is lost.
+        let early = |inner: &Inner<S>| inner.starting.remove(&c.sandbox_id).and_then(|(_, e)| e);
         if strong {
             record.phase = Phase::Running;
             record = self.write_phase(record).await;
+            if let Some((phase, exit_code)) = early(inner) {
+                record.phase = phase;
+                record.exit_code = exit_code;
+                record = self.write_phase(record).await;
+            }
         } else {
             inner.pending.insert(c.key.clone(), record.clone());
+            if let Some((phase, exit_code)) = early(inner) {
+                record.phase = phase;
+                record.exit_code = exit_code;
+                if let Some(mut p) = inner.pending.get_mut(&c.key) {
+                    p.phase = phase;
+                    p.exit_code = exit_code;
+                }
+            }
             self.spawn_record_writer(c.key.clone());
         }
         let timeline = c.timeline.finish(&path, note);
@@ -919,6 +1003,23 @@ impl<S: SandboxStore> Gateway<S> {
         result
     }
 
+    /// Like [`Self::exclusive`], but `None` at once if `key` is held or its FAST record
+    /// is still being written. For the sweeper: whoever holds the key is doing the
+    /// work. A sweep that waited instead took the key the moment a client's delete
+    /// released it, so the client's next create of that name failed with Busy.
+    async fn try_exclusive<T, F>(&self, key: &Key, op: F) -> Result<Option<T>, GatewayError>
+    where
+        F: std::future::Future<Output = Result<T, GatewayError>>,
+    {
+        if self.inner.pending.contains_key(key) || !self.inner.actor.reserve_op(key.clone()).await?
+        {
+            return Ok(None);
+        }
+        let result = op.await;
+        self.inner.actor.release(key.clone());
+        result.map(Some)
+    }
+
     /// Delete: Terminating, stop and remove the container (SIGTERM, grace, SIGKILL),
     /// free the slot, remove the record. If the agent fails, the record stays
     /// Terminating and the sweeper retries; the slot is freed only once the container
@@ -930,8 +1031,18 @@ impl<S: SandboxStore> Gateway<S> {
         grace_seconds: Option<u32>,
     ) -> Result<(), GatewayError> {
         let key = Self::key(namespace, name)?;
-        self.exclusive(&key, self.delete_held(&key, grace_seconds))
-            .await
+        // Detached from the caller, like create: a handler future dropped while it
+        // holds the name (client cancelled, deadline passed) would never release it,
+        // leaving the sandbox Terminating for good (the sweeper could not take it
+        // either). An accepted delete runs to its end; a cancelled caller just does
+        // not hear how it went.
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.exclusive(&key, this.delete_held(&key, grace_seconds))
+                .await
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("delete task failed: {e}")))?
     }
 
     async fn delete_held(&self, key: &Key, grace: Option<u32>) -> Result<(), GatewayError> {
@@ -1127,6 +1238,10 @@ impl<S: SandboxStore> Gateway<S> {
             SandboxPhase::Failed => Phase::Failed,
             SandboxPhase::Creating | SandboxPhase::Running | SandboxPhase::Deleting => return,
         };
+        if let Some(mut early) = self.inner.starting.get_mut(&change.id) {
+            *early = Some((phase, change.exit_code));
+            return;
+        }
         for mut p in self.inner.pending.iter_mut() {
             if p.sandbox_id == change.id {
                 p.phase = phase;
@@ -1178,14 +1293,15 @@ impl<S: SandboxStore> Gateway<S> {
             let expired = rec.expire_time_ms.is_some_and(|t| t <= now)
                 && !matches!(rec.phase, Phase::Expired | Phase::Terminating);
             let result = if expired {
-                self.exclusive(&key, self.expire_held(&key)).await
+                self.try_exclusive(&key, self.expire_held(&key)).await
             } else if rec.phase == Phase::Terminating {
-                self.exclusive(&key, self.delete_held(&key, None)).await
+                self.try_exclusive(&key, self.delete_held(&key, None)).await
             } else {
                 continue;
             };
             match result {
-                Ok(()) => acted += 1,
+                Ok(Some(())) => acted += 1,
+                Ok(None) => {}
                 Err(e) => tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "sweep"),
             }
         }
@@ -1388,6 +1504,18 @@ fn adopt(
         created_ms: convert::now_ms(),
         resource_version: 0,
     })
+}
+
+/// A create that passed validation, before its reservation.
+struct Validated {
+    request_id: RequestId,
+    mode: fp::ConsistencyMode,
+    spec: ValidSpec,
+    digest: fsb_core::spec::SpecDigest,
+    expire_time_ms: Option<i64>,
+    reset_revision: i64,
+    deadline: Option<Instant>,
+    timeline: Timeline,
 }
 
 /// The work of one create after its reservation.

@@ -13,6 +13,7 @@ use fsb_proto::fastpath::v1::{
 use fsb_store::SandboxStore;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming, service::interceptor::InterceptedService};
+use tracing::Instrument;
 
 use crate::{Gateway, GatewayError};
 
@@ -107,9 +108,11 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
     ) -> Result<Response<fp::CreateResponse>, Status> {
         let deadline = grpc_timeout(&request);
         let span = tracing::info_span!("create", request_id = %request.get_ref().request_id);
-        let _ = span.enter();
+        // Instrument the future: `let _ = span.enter()` dropped the guard at once, and
+        // an entered guard must not be held across awaits anyway.
         self.gateway
             .create(request.into_inner(), deadline)
+            .instrument(span)
             .await
             .map(Response::new)
             .map_err(status)
