@@ -130,7 +130,12 @@ async fn run_rm_prints_hello_and_leaves_nothing() {
     assert_eq!(o.status.code(), Some(7));
     let listed = ok(fsb(d, &["ls", "-A", "-o", "json"]).await, "ls");
     let listed: Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    assert_eq!(listed["kind"], "SandboxList", "{listed}");
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
     stop(up, &env).await;
 }
 
@@ -280,6 +285,23 @@ async fn logs_update_reset_expiry_and_exit_codes() {
     assert_eq!(o.status.code(), Some(4), "same name again: AlreadyExists");
     let o = fsb(d, &["run", "--image", image, "--port", "0", "--", "true"]).await;
     assert_eq!(o.status.code(), Some(2), "port 0 is a usage error");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("port"), "{o:?}");
+    // The server names the field too (the gateway's own port, which the CLI cannot know).
+    let gateway_port = up.port.to_string();
+    let o = fsb(
+        d,
+        &[
+            "run",
+            "--image",
+            image,
+            "--port",
+            &gateway_port,
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "the gateway's port: {o:?}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("exposedPorts"),
         "{o:?}"

@@ -200,9 +200,20 @@ impl Handler<Delete> for AgentActor {
     fn handle(&mut self, msg: Delete, _ctx: &mut Self::Context) -> Self::Result {
         let id = msg.id;
         if !self.state.begin_delete(&id) {
-            return Box::pin(actix::fut::ready(Err(AgentError::NotFound(format!(
-                "sandbox {id}"
-            )))));
+            // Not in our table, but containerd may still hold it: a create sent by a
+            // previous agent process that containerd finished after we listed. Delete
+            // removes whatever containerd has under the id; NotFound only if nothing.
+            let runtime = self.runtime.clone();
+            let grace = msg.grace.unwrap_or(self.stop_grace);
+            return Box::pin(
+                async move {
+                    match runtime.remove(&id, grace).await? {
+                        true => Ok(()),
+                        false => Err(AgentError::NotFound(format!("sandbox {id}"))),
+                    }
+                }
+                .into_actor(self),
+            );
         }
         self.publish(Some(PhaseChange {
             id: id.clone(),

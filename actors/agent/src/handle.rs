@@ -55,6 +55,7 @@ pub const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct AgentHandle {
     addr: Addr<AgentActor>,
+    agent_id: AgentId,
     images: Arc<ImageStore>,
     runtime: ContainerdRuntime,
 }
@@ -81,9 +82,10 @@ impl AgentHandle {
             observed,
         });
         let addr = actor.start();
-        spawn_exit_watch(addr.clone(), runtime.clone(), agent_id);
+        spawn_exit_watch(addr.clone(), runtime.clone(), agent_id.clone());
         let handle = Self {
             addr,
+            agent_id,
             images,
             runtime,
         };
@@ -112,6 +114,18 @@ impl AgentHandle {
     /// Phase changes from now on.
     pub async fn subscribe(&self) -> Result<broadcast::Receiver<PhaseChange>, AgentError> {
         self.addr.send(Subscribe).await.map_err(stopped)
+    }
+
+    /// Ids of every container of this agent in containerd, straight from containerd
+    /// (not the agent's table): finds containers the table does not know.
+    pub async fn containers(&self) -> Result<Vec<SandboxId>, AgentError> {
+        Ok(self
+            .runtime
+            .list(Some(self.agent_id.as_str()))
+            .await?
+            .into_iter()
+            .map(|o| o.id)
+            .collect())
     }
 
     /// The image store (load, pull, list).

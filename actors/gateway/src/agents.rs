@@ -40,19 +40,25 @@ pub trait AgentClient: Send + Sync + 'static {
 
     /// Stream a sandbox's logs.
     fn logs(&self, req: av::LogsRequest) -> BoxFuture<'_, Result<BoxStream<fp::LogChunk>, Status>>;
+
+    /// Ids of every container the agent has in containerd (not only those in its
+    /// table), for the orphan scan.
+    fn containers(&self) -> BoxFuture<'_, Result<Vec<SandboxId>, Status>>;
 }
 
 /// The agent of `fsb up`, in the same process.
 #[derive(Clone, Debug)]
 pub struct LocalAgent {
     service: Arc<AgentService>,
+    agent: AgentHandle,
 }
 
 impl LocalAgent {
     /// Serve `service` in-process.
     pub fn new(agent: AgentHandle, limits: fsb_core::spec::SpecLimits) -> Self {
         Self {
-            service: Arc::new(AgentService::new(agent, limits)),
+            service: Arc::new(AgentService::new(agent.clone(), limits)),
+            agent,
         }
     }
 }
@@ -95,5 +101,14 @@ impl AgentClient for LocalAgent {
 
     fn logs(&self, req: av::LogsRequest) -> BoxFuture<'_, Result<BoxStream<fp::LogChunk>, Status>> {
         Box::pin(async move { self.service.logs_stream(req).await })
+    }
+
+    fn containers(&self) -> BoxFuture<'_, Result<Vec<SandboxId>, Status>> {
+        Box::pin(async move {
+            self.agent
+                .containers()
+                .await
+                .map_err(|e| fsb_core::error::to_status(&e))
+        })
     }
 }

@@ -41,6 +41,9 @@ use crate::{
 
 /// Namespace used when a request leaves it empty.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// The orphan scan ([`Gateway::collect_orphans`]) runs every this many sweeps
+/// (the first at start).
+const ORPHAN_SCAN_EVERY: u64 = 10;
 /// Label put on records rebuilt from a container at startup (see [`Gateway::reconcile`]).
 pub const LABEL_ADOPTED: &str = "fast-sandbox.io/adopted";
 
@@ -1301,7 +1304,8 @@ impl<S: SandboxStore> Gateway<S> {
             };
             match result {
                 Ok(Some(())) => acted += 1,
-                Ok(None) => {}
+                // Gone since the listing (a client's delete finished first): nothing to do.
+                Ok(None) | Err(GatewayError::NotFound(_)) => {}
                 Err(e) => tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "sweep"),
             }
         }
@@ -1328,6 +1332,56 @@ impl<S: SandboxStore> Gateway<S> {
         Ok(())
     }
 
+    /// Remove containers that no record, pending FAST record or create in flight
+    /// accounts for. After the startup reconcile every container this process makes
+    /// is tracked from its create on, so such a container was never acknowledged: it
+    /// is a create a previous (killed) process had sent and containerd finished after
+    /// our startup listing. Left alone it would hold a port the registry does not know
+    /// and be adopted, under a name since reused, by the next start. Returns how many
+    /// were removed.
+    pub async fn collect_orphans(&self) -> usize {
+        let inner = &self.inner;
+        let agents: Vec<(AgentId, Arc<dyn AgentClient>)> = inner
+            .agents
+            .iter()
+            .map(|e| (e.key().clone(), e.client.clone()))
+            .collect();
+        let mut removed = 0;
+        for (agent, client) in agents {
+            let ids = match client.containers().await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "orphan scan: listing containers");
+                    continue;
+                }
+            };
+            for id in ids {
+                // Checked in the order a create moves through them (each inserts into
+                // the next before leaving the previous), so none is missed in transit.
+                if inner.starting.contains_key(&id)
+                    || inner.pending.iter().any(|p| p.sandbox_id == id)
+                {
+                    continue;
+                }
+                match inner.store.get_by_sandbox_id(&id).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "orphan scan: store lookup");
+                        continue;
+                    }
+                }
+                tracing::warn!(%agent, sandbox = %id, "removing a container no record accounts for");
+                match client.delete(id.clone(), Some(0)).await {
+                    Ok(_) => removed += 1,
+                    Err(e) if e.code() == tonic::Code::NotFound => {}
+                    Err(e) => tracing::warn!(sandbox = %id, error = %e, "orphan scan: delete"),
+                }
+            }
+        }
+        removed
+    }
+
     /// Sweep every `sweep_interval` until the gateway is dropped. One sweep at a time:
     /// a slow sweep makes the next tick be skipped, never queued.
     pub fn spawn_sweeper(&self) {
@@ -1336,10 +1390,15 @@ impl<S: SandboxStore> Gateway<S> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut round: u64 = 0;
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let gateway = Gateway { inner };
+                round += 1;
+                if round % ORPHAN_SCAN_EVERY == 1 {
+                    gateway.collect_orphans().await;
+                }
                 if let Err(e) = gateway.sweep().await {
                     tracing::warn!(error = %e, "sweep failed");
                 }
