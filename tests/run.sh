@@ -55,9 +55,16 @@ summarize() {
 }
 
 ensure_packages() {
+  if ! command -v cargo >/dev/null && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
   if ! command -v cargo >/dev/null; then
-    echo "run.sh: cargo not found: install Rust >= 1.88 with rustup (https://rustup.rs), then rerun" >&2
-    exit 1
+    # A fresh machine: install Rust (stable, minimal profile) with rustup.
+    command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl ca-certificates; }
+    say "installing Rust with rustup (stable, minimal profile)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+      sh -s -- -y --profile minimal --default-toolchain stable --component rustfmt,clippy
+    export PATH="$HOME/.cargo/bin:$PATH"
   fi
   local entry pkg missing=()
   for entry in "${PACKAGES[@]}"; do
