@@ -211,6 +211,41 @@ pub struct BenchReport {
     pub raw: Option<Summary>,
     /// fsb p50 / raw p50, when compared.
     pub ratio_p50: Option<f64>,
+    /// p50 of each stage of the fsb path (from the create timelines), in order; shown
+    /// in the table, not in the JSON (whose shape is fixed).
+    #[serde(skip)]
+    pub fsb_stages: Vec<(String, f64)>,
+    /// p50 of each raw stage (lease, snapshot, container, task, start).
+    #[serde(skip)]
+    pub raw_stages: Vec<(String, f64)>,
+}
+
+/// Per-stage durations of one create, in order.
+pub type Stages = Vec<(String, Duration)>;
+
+/// The p50 (ms) of every stage name, in first-seen order.
+fn stage_p50s(samples: &[Stages]) -> Vec<(String, f64)> {
+    let mut order: Vec<String> = Vec::new();
+    let mut by_name: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    for stages in samples {
+        for (name, d) in stages {
+            if !by_name.contains_key(name) {
+                order.push(name.clone());
+            }
+            by_name
+                .entry(name.clone())
+                .or_default()
+                .push(d.as_secs_f64() * 1000.0);
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|name| {
+            let mut v = by_name.remove(&name)?;
+            v.sort_by(f64::total_cmp);
+            Some((name, round3(percentile(&v, 50.0)?)))
+        })
+        .collect()
 }
 
 impl BenchReport {
@@ -226,6 +261,8 @@ impl BenchReport {
             None => None,
         };
         Some(Self {
+            fsb_stages: Vec::new(),
+            raw_stages: Vec::new(),
             count: fsb.len(),
             concurrency,
             fsb: fsb_summary,
@@ -261,6 +298,15 @@ impl BenchReport {
         if let Some(ratio) = self.ratio_p50 {
             out.push_str(&format!("ratio_p50 (fsb / raw, same run): {ratio:.3}\n"));
         }
+        for (path, stages) in [("fsb", &self.fsb_stages), ("raw", &self.raw_stages)] {
+            if !stages.is_empty() {
+                let parts: Vec<String> = stages
+                    .iter()
+                    .map(|(n, ms)| format!("{n} {ms:.2}"))
+                    .collect();
+                out.push_str(&format!("{path} stage p50 ms: {}\n", parts.join(", ")));
+            }
+        }
         out
     }
 }
@@ -284,7 +330,7 @@ impl FsbPath {
     }
 
     /// One create, timed from send to response; the created sandbox's name.
-    async fn create(&self) -> Result<(String, Duration), BenchError> {
+    async fn create(&self) -> Result<(String, Duration, Stages), BenchError> {
         let mut msg = self.create.clone();
         msg.request_id = uuid::Uuid::new_v4().to_string();
         let req = self.request(msg);
@@ -298,12 +344,18 @@ impl FsbPath {
                 status,
             })?;
         let elapsed = t.elapsed();
-        let name = resp
-            .into_inner()
-            .sandbox
-            .map(|s| s.name)
+        let resp = resp.into_inner();
+        let stages = resp
+            .timeline
+            .map(|t| {
+                t.stages
+                    .into_iter()
+                    .map(|s| (s.name, Duration::from_micros(s.duration_us)))
+                    .collect()
+            })
             .unwrap_or_default();
-        Ok((name, elapsed))
+        let name = resp.sandbox.map(|s| s.name).unwrap_or_default();
+        Ok((name, elapsed, stages))
     }
 
     async fn delete(&self, name: String) -> Result<(), BenchError> {
@@ -401,16 +453,24 @@ impl RawPath {
     }
 
     /// One create: the spec is built first, then timed from the lease to Start.
-    async fn create(&self) -> Result<(SandboxId, Duration), BenchError> {
+    async fn create(&self) -> Result<(SandboxId, Duration, Stages), BenchError> {
         let id = SandboxId::generate();
         let spec_json = self.spec_json(&id)?;
         let sid = id.as_str();
         let cd = &self.cd;
         let t = Instant::now();
+        let mut stages: Stages = Vec::with_capacity(5);
+        let mut mark = Instant::now();
+        let mut stage = |name: &str| {
+            let now = Instant::now();
+            stages.push((name.to_owned(), now - mark));
+            mark = now;
+        };
         let created = async {
             cd.create_lease(sid, RAW_LEASE_LIFETIME)
                 .await
                 .map_err(BenchError::raw("create lease"))?;
+            stage("lease");
             let prepare = PrepareSnapshotRequest {
                 snapshotter: SNAPSHOTTER.to_owned(),
                 key: sid.to_owned(),
@@ -428,6 +488,7 @@ impl RawPath {
                 .await
                 .map_err(BenchError::raw("prepare snapshot"))?
                 .mounts;
+            stage("snapshot");
             let container = Container {
                 id: sid.to_owned(),
                 image: self.image.name.clone(),
@@ -453,6 +514,7 @@ impl RawPath {
             )
             .await
             .map_err(BenchError::raw("create container"))?;
+            stage("container");
             cd.call(
                 "create task",
                 TasksClient::new(cd.channel()).create(cd.request(CreateTaskRequest {
@@ -463,6 +525,7 @@ impl RawPath {
             )
             .await
             .map_err(BenchError::raw("create task"))?;
+            stage("task");
             cd.call(
                 "start task",
                 TasksClient::new(cd.channel()).start(cd.request(StartRequest {
@@ -472,12 +535,13 @@ impl RawPath {
             )
             .await
             .map_err(BenchError::raw("start task"))?;
+            stage("start");
             Ok::<_, BenchError>(())
         }
         .await;
         let elapsed = t.elapsed();
         match created {
-            Ok(()) => Ok((id, elapsed)),
+            Ok(()) => Ok((id, elapsed, stages)),
             Err(e) => {
                 // Whatever was made of it goes; the create's error is the one to report.
                 let _ = self.remove(id).await;
@@ -496,10 +560,14 @@ impl RawPath {
 }
 
 /// Run `n` creates at once, then remove what was created (untimed); the timings.
-async fn batch<C, CF, R, RF, K>(n: usize, create: C, remove: R) -> Result<Vec<Duration>, BenchError>
+async fn batch<C, CF, R, RF, K>(
+    n: usize,
+    create: C,
+    remove: R,
+) -> Result<Vec<(Duration, Stages)>, BenchError>
 where
     C: Fn() -> CF,
-    CF: Future<Output = Result<(K, Duration), BenchError>>,
+    CF: Future<Output = Result<(K, Duration, Stages), BenchError>>,
     R: Fn(K) -> RF,
     RF: Future<Output = Result<(), BenchError>>,
 {
@@ -509,9 +577,9 @@ where
     let mut first_error = None;
     for r in results {
         match r {
-            Ok((key, d)) => {
+            Ok((key, d, stages)) => {
                 created.push(key);
-                timings.push(d);
+                timings.push((d, stages));
             }
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -629,12 +697,17 @@ pub async fn run(
         done += n;
         round += 1;
     }
-    BenchReport::from_samples(
+    let (fsb_times, fsb_stages): (Vec<Duration>, Vec<Stages>) = fsb_samples.into_iter().unzip();
+    let (raw_times, raw_stages): (Vec<Duration>, Vec<Stages>) = raw_samples.into_iter().unzip();
+    let mut report = BenchReport::from_samples(
         config.concurrency,
-        &fsb_samples,
-        raw.as_ref().map(|_| raw_samples.as_slice()),
+        &fsb_times,
+        raw.as_ref().map(|_| raw_times.as_slice()),
     )
-    .ok_or_else(|| BenchError::Config("no samples".to_owned()))
+    .ok_or_else(|| BenchError::Config("no samples".to_owned()))?;
+    report.fsb_stages = stage_p50s(&fsb_stages);
+    report.raw_stages = stage_p50s(&raw_stages);
+    Ok(report)
 }
 
 fn proto_runtime(runtime: Runtime) -> fp::Runtime {
@@ -766,7 +839,7 @@ mod tests {
                 if i == 1 {
                     Err(BenchError::Config("boom".into()))
                 } else {
-                    Ok((i, Duration::from_millis(1)))
+                    Ok((i, Duration::from_millis(1), Vec::new()))
                 }
             },
             |_| async {

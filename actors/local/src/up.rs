@@ -252,7 +252,9 @@ pub async fn run(
             auth,
         ))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // No Nagle: a create's answer is one small write; delaying it for an ACK
+            // costs milliseconds per call.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 let _ = stop_rx.await;
             },

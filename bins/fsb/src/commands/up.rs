@@ -76,10 +76,18 @@ async fn shutdown_signal() {
 pub(crate) fn up(args: &UpArgs, settings: &Settings) -> Result<u8, CliError> {
     let config = up_config(args, settings)?;
     let dir = settings.data_dir.root().display().to_string();
-    let result =
-        actix_rt::System::new().block_on(fsb_local::run(config, shutdown_signal(), move |addr| {
-            eprintln!("fsb up: listening on {addr} (data dir {dir})")
-        }));
+    // Actors stay on the system's thread; everything spawned with tokio (gRPC
+    // connections, the gateway's create tasks, store writes) runs on a multi-threaded
+    // runtime, so the agent's containerd calls do not queue behind them.
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the tokio runtime: {e}"))
+    });
+    let result = system.block_on(fsb_local::run(config, shutdown_signal(), move |addr| {
+        eprintln!("fsb up: listening on {addr} (data dir {dir})")
+    }));
     match result {
         Ok(()) => Ok(exit::OK),
         Err(e) => {
