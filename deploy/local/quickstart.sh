@@ -122,7 +122,8 @@ running_pid() {
   echo "$pid"
 }
 
-answers() { "$FSB" version >/dev/null 2>&1; }
+# `fsb ls` succeeds only once fsb up answers (`fsb version` also succeeds without it).
+answers() { "$FSB" ls >/dev/null 2>&1; }
 
 start_up() {
   mkdir -p "$FSB_DATA_DIR"
