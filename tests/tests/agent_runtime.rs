@@ -10,7 +10,7 @@ use std::time::Duration;
 use containerd_client::services::v1::snapshots::{
     StatSnapshotRequest, snapshots_client::SnapshotsClient,
 };
-use fsb_agent::runtime::{ContainerdRuntime, Exit, TaskState};
+use fsb_agent::runtime::{ContainerdRuntime, TaskState};
 use fsb_core::spec::Runtime;
 use fsb_tests::{ContainerdEnv, minimal_oci_spec, wait_until};
 use futures::StreamExt;
@@ -88,13 +88,11 @@ async fn lifecycle_on_every_runtime() {
         .await
         .expect("exit event");
         assert_eq!(
-            exit,
-            Exit {
-                id: id.clone(),
-                exit_code: 7
-            },
+            (&exit.id, exit.exit_code),
+            (&id, 7),
             "{runtime:?}: SIGTERM must come before SIGKILL"
         );
+        assert_ne!(exit.pid, 0, "containerd names the process that exited");
 
         // Gone means gone, and removing again is a no-op.
         assert!(!rt.list(None).await.unwrap().iter().any(|s| s.id == id));

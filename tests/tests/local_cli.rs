@@ -2,12 +2,13 @@
 //! and the real `fsb` CLI, for the reference behaviours that need no Kubernetes (env
 //! and working directory, same-name recreate, expiry, reset, update, logs in order,
 //! capacity release, graceful delete with a SIGTERM trap, graceful shutdown of
-//! `fsb up`) and the CLI's exit codes.
+//! `fsb up`), the CLI's exit codes, and `fsb bench --compare-raw`.
 
 #![allow(clippy::unwrap_used)] // helpers below are test code too
 
 use std::{path::Path, process::Output, time::Duration};
 
+use containerd_client::services::v1::{ListContainersRequest, containers_client::ContainersClient};
 use fsb_tests::{
     ContainerdEnv,
     local::{LocalUp, free_port, fsb_bin},
@@ -444,5 +445,74 @@ async fn recreate_capacity_and_graceful_delete() {
     assert!(follower.wait().await.unwrap().success());
 
     // Graceful shutdown of fsb up with --stop-sandboxes-on-exit removes the rest.
+    stop(up, &env).await;
+}
+
+/// `fsb bench --compare-raw` against the real `fsb up` and the same containerd: the
+/// JSON has the documented shape with real (millisecond) figures for both paths, and
+/// the bench leaves no sandbox or container behind.
+#[actix_rt::test]
+async fn bench_compares_the_full_path_with_raw_containerd() {
+    let env = ContainerdEnv::from_env();
+    let up = start(&env, "bench", &["--stop-sandboxes-on-exit"]).await;
+    let d = &up.data_dir;
+    let socket = env.socket.display().to_string();
+    let root = env.runtime_root.display().to_string();
+    let out = ok(
+        fsb(
+            d,
+            &[
+                "bench",
+                "--count",
+                "4",
+                "--warmup",
+                "1",
+                "--concurrency",
+                "2",
+                "--compare-raw",
+                "--containerd-socket",
+                &socket,
+                "--runtime-root",
+                &root,
+                "--image",
+                &env.image,
+                "--runtime",
+                "runc",
+                "--json",
+            ],
+        )
+        .await,
+        "bench",
+    );
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["count"], 4, "{v}");
+    assert_eq!(v["concurrency"], 2, "{v}");
+    for path in ["fsb", "raw"] {
+        for key in ["p50_ms", "p90_ms", "p99_ms", "max_ms"] {
+            let ms = v[path][key].as_f64().unwrap_or(0.0);
+            // A real runc create (shim start + runc create) takes milliseconds.
+            assert!(ms > 1.0, "{path}.{key}: {v}");
+        }
+    }
+    let ratio = v["ratio_p50"].as_f64().unwrap();
+    assert!(ratio > 0.0, "{v}");
+    let listed: Value =
+        serde_json::from_str(&ok(fsb(d, &["ls", "-A", "-o", "json"]).await, "ls")).unwrap();
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+    // The raw path's containers carry only the bench label (not ours).
+    let channel = env.connect().await.unwrap();
+    let leftovers = ContainersClient::new(channel)
+        .list(env.request(ListContainersRequest {
+            filters: vec!["labels.\"fast-sandbox.io/bench\"".to_owned()],
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(leftovers.is_empty(), "bench containers left: {leftovers:?}");
     stop(up, &env).await;
 }

@@ -241,7 +241,7 @@ impl Handler<Exited> for AgentActor {
     type Result = ();
 
     fn handle(&mut self, msg: Exited, _ctx: &mut Self::Context) {
-        let change = self.state.exited(&msg.id, msg.exit_code);
+        let change = self.state.exited_pid(&msg.id, msg.pid, msg.exit_code);
         self.publish(change);
     }
 }
@@ -333,6 +333,7 @@ pub(crate) fn spawn_exit_watch(addr: Addr<AgentActor>, runtime: ContainerdRuntim
                         let exit_code = i32::try_from(exit.exit_code).unwrap_or(i32::MAX);
                         addr.do_send(Exited {
                             id: exit.id,
+                            pid: exit.pid,
                             exit_code,
                         });
                     }

@@ -55,6 +55,7 @@ pub(crate) struct Delete {
 #[rtype(result = "()")]
 pub(crate) struct Exited {
     pub(crate) id: SandboxId,
+    pub(crate) pid: u32,
     pub(crate) exit_code: i32,
 }
 

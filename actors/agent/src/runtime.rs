@@ -136,6 +136,8 @@ pub struct Exit {
     pub id: SandboxId,
     /// Exit status.
     pub exit_code: u32,
+    /// Host pid of the process that exited (0 if containerd did not say).
+    pub pid: u32,
 }
 
 /// The sandbox's log files, written by the shim.
@@ -646,6 +648,7 @@ impl ContainerdRuntime {
             Some(Exit {
                 id,
                 exit_code: exit.exit_status,
+                pid: exit.pid,
             })
         }))
     }

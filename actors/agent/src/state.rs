@@ -159,7 +159,18 @@ impl AgentState {
         self.sandboxes.remove(id);
     }
 
-    /// The init process exited.
+    /// Like [`Self::exited`], but ignores the exit of another process than the one
+    /// recorded: a reset reuses the sandbox id, and the old container's exit event may
+    /// arrive after the new one runs. Unknown pids (0) are not compared.
+    pub fn exited_pid(&mut self, id: &SandboxId, pid: u32, exit_code: i32) -> Option<PhaseChange> {
+        let recorded = self.sandboxes.get(id)?.pid;
+        if pid != 0 && recorded != 0 && pid != recorded {
+            return None;
+        }
+        self.exited(id, exit_code)
+    }
+
+    /// The sandbox's process exited with `exit_code` (reported once).
     pub fn exited(&mut self, id: &SandboxId, exit_code: i32) -> Option<PhaseChange> {
         let rec = self.sandboxes.get_mut(id)?;
         if rec.phase == SandboxPhase::Deleting || rec.exit_code.is_some() {
@@ -287,6 +298,22 @@ mod tests {
         assert_eq!(s.exited(&bad.id, 137).unwrap().phase, SandboxPhase::Failed);
         assert_eq!(s.exited(&bad.id, 1), None, "reported once");
         assert_eq!(s.exited(&SandboxId::generate(), 0), None);
+    }
+
+    #[test]
+    fn an_exit_of_an_earlier_process_with_the_same_id_is_ignored() {
+        let mut s = AgentState::new(1);
+        let a = rec(&[]);
+        s.admit(a.clone());
+        s.created(&a.id, 42);
+        assert_eq!(
+            s.exited_pid(&a.id, 41, 137),
+            None,
+            "the reset's old process"
+        );
+        assert_eq!(s.get(&a.id).map(|r| r.phase), Some(SandboxPhase::Running));
+        let change = s.exited_pid(&a.id, 42, 0).unwrap();
+        assert_eq!(change.phase, SandboxPhase::Succeeded);
     }
 
     #[test]

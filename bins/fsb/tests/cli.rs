@@ -871,49 +871,6 @@ fn bench_measures_creates_and_deletes_every_sandbox() {
     assert!(st.sandboxes.is_empty(), "bench leaves nothing behind");
 }
 
-/// Raw containerd creates beside the fake gateway: runs only inside
-/// `tests/scripts/with-containerd.sh` (root, private containerd, offline image), which
-/// exports FSB_CONTAINERD_SOCKET and FSB_TEST_IMAGE.
-#[test]
-fn bench_compare_raw_against_real_containerd() {
-    let (Ok(socket), Ok(image)) = (
-        std::env::var("FSB_CONTAINERD_SOCKET"),
-        std::env::var("FSB_TEST_IMAGE"),
-    ) else {
-        eprintln!(
-            "skipped: needs tests/scripts/with-containerd.sh (FSB_CONTAINERD_SOCKET, FSB_TEST_IMAGE)"
-        );
-        return;
-    };
-    let f = Fixture::start();
-    let root = std::env::var("FSB_RUNTIME_ROOT")
-        .unwrap_or_else(|_| f.data_dir.join("runtime").display().to_string());
-    let out = f.fsb(&[
-        "bench",
-        "--count",
-        "4",
-        "--warmup",
-        "1",
-        "--concurrency",
-        "2",
-        "--compare-raw",
-        "--containerd-socket",
-        &socket,
-        "--runtime-root",
-        &root,
-        "--image",
-        &image,
-        "--json",
-    ]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
-    eprintln!("bench against the fake gateway and real containerd: {v}");
-    // A real runc create takes milliseconds; the fake gateway answers in far less.
-    let raw_p50 = v["raw"]["p50_ms"].as_f64().unwrap();
-    assert!(raw_p50 > 1.0, "{v}");
-    assert!(v["ratio_p50"].as_f64().unwrap() < 1.0, "{v}");
-}
-
 #[test]
 fn image_load_streams_1_mib_chunks() {
     let f = Fixture::start();
