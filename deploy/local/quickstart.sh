@@ -28,7 +28,7 @@ FSB="$TARGET_DIR/release/fsb"
 PID_FILE="$FSB_DATA_DIR/fsb-up.pid"
 LOG_FILE="$FSB_DATA_DIR/fsb-up.log"
 UP_TIMEOUT="${FSB_UP_TIMEOUT:-60}"
-RUST_MIN="1.88"
+RUST_MIN="1.89"
 
 # Debian package and a file that shows it is installed.
 PACKAGES=(
