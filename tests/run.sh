@@ -99,6 +99,8 @@ run_lint() {
   say "lint: cargo fmt --check; cargo clippy --workspace --all-targets -D warnings"
   cargo fmt --all --check
   cargo clippy --workspace --all-targets -- -D warnings
+  # The Kubernetes suite's tests are behind a feature; lint them too.
+  cargo clippy -p fsb-tests --features k8s --all-targets -- -D warnings
 }
 
 run_unit() {
