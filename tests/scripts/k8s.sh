@@ -64,11 +64,11 @@ build() {
   mkdir -p "$BIN_DIR"
   local start=$SECONDS
   log "building etcd $ETCD_VERSION and kube-apiserver $K8S_VERSION into $BIN_DIR"
-  # -trimpath and no VCS stamping: the binaries depend on the modules only.
-  (cd "$SRC_DIR/etcd" && go build -trimpath -buildvcs=false -o "$ETCD_BIN.tmp" .)
+  # No VCS stamping: the binaries depend on the modules only.
+  (cd "$SRC_DIR/etcd" && go build -buildvcs=false -o "$ETCD_BIN.tmp" .)
   mv -f "$ETCD_BIN.tmp" "$ETCD_BIN"
   log "etcd built after $((SECONDS - start))s"
-  (cd "$SRC_DIR/apiserver" && go build -trimpath -buildvcs=false -o "$API_BIN.tmp" .)
+  (cd "$SRC_DIR/apiserver" && go build -buildvcs=false -o "$API_BIN.tmp" .)
   mv -f "$API_BIN.tmp" "$API_BIN"
   log "build took $((SECONDS - start))s"
 }
