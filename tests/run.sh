@@ -86,10 +86,15 @@ ensure_packages() {
 
 # --- cleanup ----------------------------------------------------------------------
 # containerd and the registries are started and stopped by scripts/with-containerd.sh
-# (its own EXIT trap); this one only prints the test total.
+# (its own EXIT trap); this one stops the k8s suite's etcd + kube-apiserver if they
+# still run and prints the test total.
+K8S_STARTED=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  if [[ -n "$K8S_STARTED" ]]; then
+    "$SCRIPTS/k8s.sh" stop || rc=1
+  fi
   summarize
   exit "$rc"
 }
@@ -157,8 +162,8 @@ run_k8s() {
   ensure_packages
   say "k8s: building etcd + kube-apiserver (cached after the first build)"
   "$SCRIPTS/k8s.sh" build
-  # Stopped again however this suite ends; the summary still runs after it.
-  trap '"$SCRIPTS/k8s.sh" stop || true; cleanup' EXIT
+  # Stopped again by the EXIT trap (cleanup) however this suite ends.
+  K8S_STARTED=1
   "$SCRIPTS/k8s.sh" start
   eval "$("$SCRIPTS/k8s.sh" env)"
 
@@ -167,8 +172,8 @@ run_k8s() {
   local ns="fsb-smoke-$$"
   k8s_check admin_creates_namespace 201 "$(k8s_create_namespace "$FSB_K8S_TOKEN" "$ns")"
   k8s_check unprivileged_user_is_forbidden 403 "$(k8s_create_namespace "$FSB_K8S_USER_TOKEN" "$ns-user")"
+  K8S_STARTED=
   "$SCRIPTS/k8s.sh" stop
-  trap cleanup EXIT
   [[ $K8S_FAILED -eq 0 ]]
 }
 
