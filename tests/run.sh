@@ -6,7 +6,10 @@
 #   containerd  a private containerd + the offline busybox OCI image + two local
 #               registries holding it, then `cargo test -p fsb-tests` (needs root;
 #               the setup and cleanup are scripts/with-containerd.sh)
-#   k8s         kube-apiserver + etcd scenarios (not built yet)
+#   k8s         a real kube-apiserver + etcd (built from their Go modules by
+#               scripts/k8s.sh, cached under /var/cache/fast-sandbox/k8s) and smoke
+#               checks against it: admin creates a namespace, an unprivileged user is
+#               refused (RBAC)
 #
 # Whatever it starts, it stops on exit (trap): containers and tasks, containerd, the
 # shims that outlive it, and mounts under the run directory. A process that survives
@@ -38,6 +41,7 @@ PACKAGES=(
   apache2-utils:htpasswd
   openssl:openssl
   curl:curl
+  iproute2:ss
 )
 
 say() { echo "==> $*" >&2; }
@@ -82,10 +86,15 @@ ensure_packages() {
 
 # --- cleanup ----------------------------------------------------------------------
 # containerd and the registries are started and stopped by scripts/with-containerd.sh
-# (its own EXIT trap); this one only prints the test total.
+# (its own EXIT trap); this one stops the k8s suite's etcd + kube-apiserver if they
+# still run and prints the test total.
+K8S_STARTED=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  if [[ -n "$K8S_STARTED" ]]; then
+    "$SCRIPTS/k8s.sh" stop || rc=1
+  fi
   summarize
   exit "$rc"
 }
@@ -129,10 +138,45 @@ run_containerd() {
     bash -c 'set -o pipefail; cargo test -p fsb-tests "$@" 2>&1 | tee -a "$0"' "$TEST_LOG" "$@"
 }
 
+# One smoke check: prints a libtest-style `test ... ok|FAILED` line and counts it in the
+# summary through a `test result:` line in TEST_LOG.
+k8s_check() {
+  local name="$1" want="$2" got="$3"
+  if [[ "$got" == "$want" ]]; then
+    echo "test k8s::$name ... ok"
+    echo "test result: ok. 1 passed; 0 failed" >>"$TEST_LOG"
+  else
+    echo "test k8s::$name ... FAILED (HTTP $got, want $want)"
+    echo "test result: FAILED. 0 passed; 1 failed" >>"$TEST_LOG"
+    K8S_FAILED=1
+  fi
+}
+
+# POSTs a namespace with a token; prints the HTTP status.
+k8s_create_namespace() {
+  curl -sS -o /dev/null -w '%{http_code}' -m 10 --cacert "$FSB_K8S_CA" \
+    -H "Authorization: Bearer $1" -H 'Content-Type: application/json' \
+    -X POST "$FSB_K8S_SERVER/api/v1/namespaces" \
+    -d "{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{\"name\":\"$2\"}}"
+}
+
 run_k8s() {
-  # Placeholder: a later issue adds kube-apiserver + etcd (tests/scripts/k8s.sh start|stop
-  # with the same trap discipline) and `cargo test -p fsb-tests --features k8s`.
-  say "k8s: not built yet (kube-apiserver + etcd harness comes later); skipping"
+  ensure_packages
+  say "k8s: building etcd + kube-apiserver (cached after the first build)"
+  "$SCRIPTS/k8s.sh" build
+  # Stopped again by the EXIT trap (cleanup) however this suite ends.
+  K8S_STARTED=1
+  "$SCRIPTS/k8s.sh" start
+  eval "$("$SCRIPTS/k8s.sh" env)"
+
+  say "k8s: smoke checks against $FSB_K8S_SERVER"
+  K8S_FAILED=0
+  local ns="fsb-smoke-$$"
+  k8s_check admin_creates_namespace 201 "$(k8s_create_namespace "$FSB_K8S_TOKEN" "$ns")"
+  k8s_check unprivileged_user_is_forbidden 403 "$(k8s_create_namespace "$FSB_K8S_USER_TOKEN" "$ns-user")"
+  K8S_STARTED=
+  "$SCRIPTS/k8s.sh" stop
+  [[ $K8S_FAILED -eq 0 ]]
 }
 
 suite="${1:-all}"
