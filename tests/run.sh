@@ -175,9 +175,9 @@ run_k8s() {
   k8s_check admin_creates_namespace 201 "$(k8s_create_namespace "$FSB_K8S_TOKEN" "$ns")"
   k8s_check unprivileged_user_is_forbidden 403 "$(k8s_create_namespace "$FSB_K8S_USER_TOKEN" "$ns-user")"
 
-  say "k8s: cargo test -p fsb-tests --features k8s (CRDs against the API server)"
+  say "k8s: cargo test -p fsb-tests --features k8s (CRDs and deploy/ against the API server)"
   local rc=0
-  bash -c 'set -o pipefail; cargo test -p fsb-tests --features k8s --test k8s_crds "$@" 2>&1 | tee -a "$0"' \
+  bash -c 'set -o pipefail; cargo test -p fsb-tests --features k8s --test k8s_crds --test k8s_deploy "$@" 2>&1 | tee -a "$0"' \
     "$TEST_LOG" "$@" || rc=$?
   K8S_STARTED=
   "$SCRIPTS/k8s.sh" stop

@@ -15,6 +15,8 @@
 #
 # Authentication is a static token file: FSB_K8S_TOKEN is user fsb-admin in group
 # system:masters, FSB_K8S_USER_TOKEN is user fsb-user with no RBAC bindings at all.
+# Privileged pods are allowed (--allow-privileged), as on any cluster that runs
+# fast-sandbox: agent pods and the janitor drive the node's containerd.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -242,6 +244,7 @@ start() {
     --client-ca-file="$PKI/ca.crt" \
     --token-auth-file="$TOKENS" \
     --authorization-mode=RBAC \
+    --allow-privileged=true \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$PKI/sa.pub" \
     --service-account-signing-key-file="$PKI/sa.key" \
