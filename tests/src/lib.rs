@@ -13,6 +13,7 @@
 //! - [`image`]: resolve an image in containerd's store to its config and rootfs chain id.
 //! - [`wait`]: [`wait_until`], polling with a deadline (tests never sleep a fixed time).
 //! - [`unique_id`]: fixed-width container ids (runsc matches ids by prefix).
+//! - `k8s` (feature `k8s`): `KubeApi`, a REST client of the harness's API server.
 //! - [`local`]: `fsb up` as a child process ([`local::LocalUp`]) and an authenticated
 //!   fast-path client.
 //!
@@ -27,6 +28,8 @@ pub mod agent;
 pub mod containerd;
 pub mod gateway;
 pub mod image;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod local;
 pub mod spec;
 pub mod wait;

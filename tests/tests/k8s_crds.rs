@@ -12,58 +12,9 @@
 use std::time::Duration;
 
 use fsb_controller::crd::{Sandbox, SandboxPool};
-use fsb_tests::wait_until;
+use fsb_tests::{k8s::KubeApi as Api, wait_until};
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
-
-struct Api {
-    http: reqwest::Client,
-    server: String,
-    token: String,
-}
-
-impl Api {
-    fn from_env() -> Self {
-        let var =
-            |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by tests/run.sh k8s"));
-        let ca = std::fs::read(var("FSB_K8S_CA")).unwrap();
-        let http = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        Self {
-            http,
-            server: var("FSB_K8S_SERVER"),
-            token: var("FSB_K8S_TOKEN"),
-        }
-    }
-
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.server))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(b).unwrap());
-        }
-        let resp = req.send().await.unwrap();
-        let code = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.send(reqwest::Method::POST, path, Some(body)).await
-    }
-}
 
 const CRDS: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
 
@@ -71,7 +22,7 @@ const CRDS: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
 async fn install(api: &Api) {
     for crd in [Sandbox::crd(), SandboxPool::crd()] {
         let body = serde_json::to_value(&crd).unwrap();
-        let (code, resp) = api.post(CRDS, &body).await;
+        let (code, resp) = api.post(CRDS, &body).await.unwrap();
         assert!(
             code == 201 || code == 409,
             "installing {}: {code} {resp}",
@@ -83,7 +34,7 @@ async fn install(api: &Api) {
             async move {
                 let (_, v) = api
                     .send(reqwest::Method::GET, &format!("{CRDS}/{name}"), None)
-                    .await;
+                    .await?;
                 let established = v["status"]["conditions"]
                     .as_array()
                     .into_iter()
@@ -104,7 +55,8 @@ async fn namespace(api: &Api) -> String {
             "/api/v1/namespaces",
             &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
         )
-        .await;
+        .await
+        .unwrap();
     assert_eq!(code, 201, "{resp}");
     ns
 }
@@ -120,7 +72,7 @@ fn sandbox(name: &str, spec: Value) -> Value {
 
 #[tokio::test]
 async fn the_api_server_enforces_the_sandbox_schema() {
-    let api = Api::from_env();
+    let api = Api::from_env().unwrap();
     install(&api).await;
     let ns = namespace(&api).await;
     let path = format!("/apis/sandbox.fast.io/v1alpha1/namespaces/{ns}/sandboxes");
@@ -168,7 +120,7 @@ async fn the_api_server_enforces_the_sandbox_schema() {
         ),
     ];
     for (name, spec, field) in rejected {
-        let (code, resp) = api.post(&path, &sandbox(name, spec)).await;
+        let (code, resp) = api.post(&path, &sandbox(name, spec)).await.unwrap();
         assert_eq!(code, 422, "{name} must be rejected: {resp}");
         let message = resp["message"].as_str().unwrap_or_default();
         assert!(
@@ -186,7 +138,8 @@ async fn the_api_server_enforces_the_sandbox_schema() {
                 with(json!({"exposedPorts": [65535], "poolRef": "no-such-pool"})),
             ),
         )
-        .await;
+        .await
+        .unwrap();
     assert_eq!(code, 201, "{resp}");
     assert_eq!(
         resp["spec"]["failurePolicy"], "Manual",
@@ -200,7 +153,7 @@ async fn the_api_server_enforces_the_sandbox_schema() {
 
 #[tokio::test]
 async fn the_api_server_enforces_pool_sizes_and_an_immutable_runtime() {
-    let api = Api::from_env();
+    let api = Api::from_env().unwrap();
     install(&api).await;
     let ns = namespace(&api).await;
     let path = format!("/apis/sandbox.fast.io/v1alpha1/namespaces/{ns}/sandboxpools");
@@ -212,7 +165,10 @@ async fn the_api_server_enforces_pool_sizes_and_an_immutable_runtime() {
             "spec": {"capacity": {"poolMin": min, "poolMax": max}, "runtime": runtime},
         })
     };
-    let (code, resp) = api.post(&path, &pool("inverted", 3, 1, "runc")).await;
+    let (code, resp) = api
+        .post(&path, &pool("inverted", 3, 1, "runc"))
+        .await
+        .unwrap();
     assert_eq!(code, 422, "{resp}");
     assert!(
         resp["message"]
@@ -221,14 +177,15 @@ async fn the_api_server_enforces_pool_sizes_and_an_immutable_runtime() {
             .contains("poolMin must not exceed poolMax"),
         "{resp}"
     );
-    let (code, resp) = api.post(&path, &pool("p", 1, 2, "runc")).await;
+    let (code, resp) = api.post(&path, &pool("p", 1, 2, "runc")).await.unwrap();
     assert_eq!(code, 201, "{resp}");
     assert_eq!(resp["spec"]["maxSandboxesPerPod"], 1, "default: {resp}");
     let mut changed = resp.clone();
     changed["spec"]["runtime"] = json!("gvisor");
     let (code, resp) = api
         .send(reqwest::Method::PUT, &format!("{path}/p"), Some(&changed))
-        .await;
+        .await
+        .unwrap();
     assert_eq!(code, 422, "{resp}");
     assert!(
         resp["message"]

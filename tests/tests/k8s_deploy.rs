@@ -8,12 +8,9 @@
 use std::{path::Path, time::Duration};
 
 use fsb_controller::crd::{Sandbox, SandboxPool};
+use fsb_tests::k8s::KubeApi;
 use kube::CustomResourceExt;
 use serde_json::Value;
-
-fn var(k: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by tests/run.sh k8s"))
-}
 
 fn deploy() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
@@ -60,40 +57,22 @@ fn collection(obj: &Value) -> String {
     }
 }
 
-async fn post(http: &reqwest::Client, path: &str, body: &Value) -> (u16, Value) {
-    let resp = http
-        .post(format!("{}{path}", var("FSB_K8S_SERVER")))
-        .bearer_auth(var("FSB_K8S_TOKEN"))
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(body).unwrap())
-        .send()
-        .await
-        .unwrap();
-    let code = resp.status().as_u16();
-    let bytes = resp.bytes().await.unwrap();
-    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn every_manifest_passes_a_server_side_dry_run() {
-    let ca = std::fs::read(var("FSB_K8S_CA")).unwrap();
-    let http = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let api = KubeApi::from_env().unwrap();
     // The CRDs for real (samples need them served), then wait until they are.
     for crd in [Sandbox::crd(), SandboxPool::crd()] {
-        let (code, resp) = post(
-            &http,
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            &serde_json::to_value(&crd).unwrap(),
-        )
-        .await;
+        let (code, resp) = api
+            .post(
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                &serde_json::to_value(&crd).unwrap(),
+            )
+            .await
+            .unwrap();
         assert!(code == 201 || code == 409, "{code} {resp}");
     }
     for doc in documents(&deploy().join("namespace.yaml")) {
-        let (code, resp) = post(&http, &collection(&doc), &doc).await;
+        let (code, resp) = api.post(&collection(&doc), &doc).await.unwrap();
         assert!(code == 201 || code == 409, "namespace: {code} {resp}");
     }
     let files = [
@@ -114,14 +93,14 @@ async fn every_manifest_passes_a_server_side_dry_run() {
             let ok = |code: u16| {
                 code == 201 || (doc["kind"] == "CustomResourceDefinition" && code == 409)
             };
-            let mut outcome = post(&http, &url, &doc).await;
+            let mut outcome = api.post(&url, &doc).await.unwrap();
             // A just-created CRD may take a moment to serve its kind.
             for _ in 0..50 {
                 if outcome.0 != 404 {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                outcome = post(&http, &url, &doc).await;
+                outcome = api.post(&url, &doc).await.unwrap();
             }
             assert!(ok(outcome.0), "{what}: {} {}", outcome.0, outcome.1);
             checked += 1;
