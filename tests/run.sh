@@ -8,8 +8,8 @@
 #               the setup and cleanup are scripts/with-containerd.sh)
 #   k8s         a real kube-apiserver + etcd (built from their Go modules by
 #               scripts/k8s.sh, cached under /var/cache/fast-sandbox/k8s) and smoke
-#               checks against it: admin creates a namespace, an unprivileged user is
-#               refused (RBAC)
+#               checks against it (admin creates a namespace, an unprivileged user is
+#               refused), then every tests/tests/k8s_*.rs with a private containerd
 #
 # Whatever it starts, it stops on exit (trap): containers and tasks, containerd, the
 # shims that outlive it, and mounts under the run directory. A process that survives
@@ -175,10 +175,22 @@ run_k8s() {
   k8s_check admin_creates_namespace 201 "$(k8s_create_namespace "$FSB_K8S_TOKEN" "$ns")"
   k8s_check unprivileged_user_is_forbidden 403 "$(k8s_create_namespace "$FSB_K8S_USER_TOKEN" "$ns-user")"
 
-  say "k8s: cargo test -p fsb-tests --features k8s (CRDs and deploy/ against the API server)"
+  # Every tests/tests/k8s_*.rs runs here, against this API server and a private
+  # containerd (the kubelet fixture starts real fsb-agent processes on it).
+  say "k8s: building fsb-tests --features k8s and the binaries"
+  cargo test -p fsb-tests --features k8s --no-run
+  cargo build -p fsb-agent-bin -p fsb-bin
+  export FSB_AGENT_BIN="$CARGO_TARGET_DIR/debug/fsb-agent"
+  export FSB_BIN="$CARGO_TARGET_DIR/debug/fsb"
+  local f tests=()
+  for f in tests/tests/k8s_*.rs; do
+    tests+=(--test "$(basename "$f" .rs)")
+  done
+  say "k8s: cargo test -p fsb-tests --features k8s ${tests[*]}"
   local rc=0
-  bash -c 'set -o pipefail; cargo test -p fsb-tests --features k8s --test k8s_crds --test k8s_deploy "$@" 2>&1 | tee -a "$0"' \
-    "$TEST_LOG" "$@" || rc=$?
+  "$SCRIPTS/with-containerd.sh" \
+    bash -c 'set -o pipefail; cargo test -p fsb-tests --features k8s "$@" 2>&1 | tee -a "$0"' \
+    "$TEST_LOG" "${tests[@]}" "$@" || rc=$?
   K8S_STARTED=
   "$SCRIPTS/k8s.sh" stop
   [[ $K8S_FAILED -eq 0 && $rc -eq 0 ]]
@@ -190,7 +202,7 @@ case "$suite" in
   lint) run_lint ;;
   unit) run_unit "$@" ;;
   containerd) run_containerd "$@" ;;
-  k8s) run_k8s ;;
+  k8s) run_k8s "$@" ;;
   all)
     run_lint
     run_unit
