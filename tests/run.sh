@@ -103,6 +103,17 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- suites -----------------------------------------------------------------------
+# Builds the binaries the tests run (kill -9, restart, the kubelet fixture) and copies
+# them into the run directory, so another checkout building into the same target
+# directory cannot swap them mid-run.
+build_bins() {
+  cargo build -p fsb-agent-bin -p fsb-bin
+  mkdir -p "$FSB_TEST_RUN_DIR/bin"
+  install -m 0755 "$CARGO_TARGET_DIR/debug/fsb-agent" "$CARGO_TARGET_DIR/debug/fsb" "$FSB_TEST_RUN_DIR/bin/"
+  export FSB_AGENT_BIN="$FSB_TEST_RUN_DIR/bin/fsb-agent"
+  export FSB_BIN="$FSB_TEST_RUN_DIR/bin/fsb"
+}
+
 run_lint() {
   ensure_packages # protoc for fsb-proto
   say "lint: cargo fmt --check; cargo clippy --workspace --all-targets -D warnings"
@@ -126,9 +137,7 @@ run_containerd() {
   say "containerd: building fsb-tests"
   cargo test -p fsb-tests --no-run
   # Tests that run the real binaries (kill -9, restart) find them here.
-  cargo build -p fsb-agent-bin -p fsb-bin
-  export FSB_AGENT_BIN="$CARGO_TARGET_DIR/debug/fsb-agent"
-  export FSB_BIN="$CARGO_TARGET_DIR/debug/fsb"
+  build_bins
 
   # Private containerd + imported test image + two local registries (plain HTTP; HTTPS
   # + basic auth) holding it, all stopped again when the tests end. Only the tests'
@@ -179,9 +188,7 @@ run_k8s() {
   # containerd (the kubelet fixture starts real fsb-agent processes on it).
   say "k8s: building fsb-tests --features k8s and the binaries"
   cargo test -p fsb-tests --features k8s --no-run
-  cargo build -p fsb-agent-bin -p fsb-bin
-  export FSB_AGENT_BIN="$CARGO_TARGET_DIR/debug/fsb-agent"
-  export FSB_BIN="$CARGO_TARGET_DIR/debug/fsb"
+  build_bins
   local f tests=()
   for f in tests/tests/k8s_*.rs; do
     tests+=(--test "$(basename "$f" .rs)")
