@@ -25,6 +25,8 @@
 //! [`ContainerdEnv::from_env`], whose panic tells the reader how to run the suite.
 
 pub mod agent;
+#[cfg(feature = "k8s")]
+pub mod cluster;
 pub mod containerd;
 pub mod gateway;
 pub mod image;

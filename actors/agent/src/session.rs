@@ -396,6 +396,17 @@ pub fn wire_phase(phase: SandboxPhase) -> Phase {
     }
 }
 
+/// The inverse of [`wire_phase`] (the controller reading an inventory or event).
+pub fn phase_from_wire(phase: Phase) -> SandboxPhase {
+    match phase {
+        Phase::Running => SandboxPhase::Running,
+        Phase::Succeeded => SandboxPhase::Succeeded,
+        Phase::Failed | Phase::Lost | Phase::Expired => SandboxPhase::Failed,
+        Phase::Terminating => SandboxPhase::Deleting,
+        _ => SandboxPhase::Creating,
+    }
+}
+
 /// A sandbox as the inventory reports it.
 pub fn sandbox_info(r: &SandboxRecord) -> SandboxInfo {
     SandboxInfo {
@@ -409,6 +420,7 @@ pub fn sandbox_info(r: &SandboxRecord) -> SandboxInfo {
         exit_code: r.exit_code,
         // The agent does not record creation times yet.
         created_at: None,
+        request_id: r.request_id.clone(),
     }
 }
 

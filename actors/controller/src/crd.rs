@@ -188,6 +188,14 @@ pub struct SandboxStatus {
     /// Exit code once the process exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// UID of the agent pod holding it (the agent's identity; `assignedPod` is its
+    /// name, for people).
+    #[serde(default, rename = "agentUID", skip_serializing_if = "Option::is_none")]
+    pub agent_uid: Option<String>,
+    /// When `phase` last changed (a Lost AutoRecreate sandbox is recreated
+    /// `recoveryTimeoutSeconds` after it: the deadline survives controller restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// An address of an exposed port.

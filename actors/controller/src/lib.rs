@@ -10,4 +10,10 @@
 //! minimums never exceed its maximums and its runtime cannot change (CEL rules, checked
 //! by the API server).
 
+pub mod agents;
 pub mod crd;
+pub mod identity;
+pub mod run;
+pub mod sandboxes;
+pub mod store;
+pub mod supervisor;

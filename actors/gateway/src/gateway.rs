@@ -1283,6 +1283,206 @@ impl<S: SandboxStore> Gateway<S> {
         }
     }
 
+    // ---- records made elsewhere (Kubernetes: kubectl) --------------------------
+
+    /// Place a Pending record that no create made (a Sandbox created with kubectl, or
+    /// one waiting for recreation): allocate, write Bound with its agent (so a crash
+    /// mid-create is found by the agent's reconcile), create the container, write
+    /// Running. On failure everything is undone, the record is Pending again and the
+    /// error says why (no pool, no free slot, port conflict, agent error). `Ok(false)`
+    /// if there was nothing to place.
+    pub async fn place(&self, namespace: &str, name: &str) -> Result<bool, GatewayError> {
+        let key = Self::key(namespace, name)?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.try_exclusive(&key, this.place_held(&key)).await {
+                Ok(Some(placed)) => Ok(placed),
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("place task failed: {e}")))?
+    }
+
+    async fn place_held(&self, key: &Key) -> Result<bool, GatewayError> {
+        let inner = &self.inner;
+        let store = &inner.store;
+        let Some(mut rec) = store.get(&key.0, &key.1).await? else {
+            return Ok(false);
+        };
+        if rec.phase != Phase::Pending || rec.agent.is_some() {
+            return Ok(false);
+        }
+        // The registry's idempotency key: the record's own, or one derived from its
+        // sandbox id (a kubectl create has no request id).
+        let request_id = match &rec.request_id {
+            Some(r) => r.clone(),
+            None => RequestId::parse("request_id", &format!("place-{}", rec.sandbox_id))?,
+        };
+        let alloc = AllocateRequest {
+            request_id,
+            sandbox_id: rec.sandbox_id.clone(),
+            namespace: inner
+                .config
+                .pool_namespace
+                .clone()
+                .unwrap_or_else(|| key.0.clone()),
+            pool: rec.spec.pool.clone(),
+            image: rec.spec.image.clone(),
+            ports: rec.spec.ports.clone(),
+            digest: rec.spec.digest(),
+        };
+        let placement = inner
+            .registry
+            .allocate(alloc.clone())
+            .await?
+            .into_result(&alloc)?;
+        let agent = placement.agent.clone();
+        let sandbox_id = rec.sandbox_id.clone();
+        let release = || inner.registry.release(sandbox_id.clone(), agent.clone());
+        let (client, node) = match self.client(&agent) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = release().await;
+                return Err(e);
+            }
+        };
+        rec.phase = Phase::Bound;
+        rec.agent = Some(agent.clone());
+        rec.node = Some(node);
+        rec.exit_code = None;
+        rec = match store.update(rec).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = release().await;
+                return Err(e.into());
+            }
+        };
+        inner.starting.insert(rec.sandbox_id.clone(), None);
+        let answer = client
+            .create(av::CreateSandboxRequest {
+                sandbox_id: rec.sandbox_id.to_string(),
+                namespace: rec.namespace.to_string(),
+                name: rec.name.to_string(),
+                claim_uid: rec.uid.clone(),
+                request_id: rec
+                    .request_id
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                spec: Some(convert::spec(
+                    &rec.spec,
+                    rec.expire_time_ms,
+                    rec.reset_revision,
+                )),
+                runtime: fp::Runtime::Unspecified as i32,
+            })
+            .await;
+        if let Err(e) = answer {
+            inner.starting.remove(&rec.sandbox_id);
+            if let Err(d) = client.delete(rec.sandbox_id.clone(), Some(0)).await {
+                tracing::warn!(sandbox = %rec.sandbox_id, error = %d, "cleanup of a failed placement");
+            }
+            let _ = release().await;
+            rec.phase = Phase::Pending;
+            rec.agent = None;
+            rec.node = None;
+            let _ = self.write_phase(rec).await;
+            return Err(GatewayError::Agent(e));
+        }
+        rec.phase = Phase::Running;
+        rec.accepted_reset_revision = rec.reset_revision;
+        let mut rec = self.write_phase(rec).await;
+        if let Some((phase, exit_code)) =
+            inner.starting.remove(&rec.sandbox_id).and_then(|(_, e)| e)
+        {
+            rec.phase = phase;
+            rec.exit_code = exit_code;
+            self.write_phase(rec).await;
+        }
+        Ok(true)
+    }
+
+    /// Make a Lost record Pending again under a fresh sandbox id, to be placed on
+    /// another agent (AutoRecreate; the caller decides when). `Ok(false)` if it is
+    /// not Lost (any more).
+    pub async fn recreate(&self, namespace: &str, name: &str) -> Result<bool, GatewayError> {
+        let key = Self::key(namespace, name)?;
+        self.exclusive(&key, async {
+            let store = &self.inner.store;
+            let Some(mut rec) = store.get(&key.0, &key.1).await? else {
+                return Ok(false);
+            };
+            if rec.phase != Phase::Lost {
+                return Ok(false);
+            }
+            if let Some(agent) = rec.agent.take() {
+                // Its old container, if the agent ever comes back, is an orphan.
+                let _ = self
+                    .inner
+                    .registry
+                    .release(rec.sandbox_id.clone(), agent)
+                    .await;
+            }
+            rec.sandbox_id = SandboxId::generate();
+            rec.phase = Phase::Pending;
+            rec.node = None;
+            rec.exit_code = None;
+            store.update(rec).await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Forget an agent proven gone (its pod is gone, or it stayed disconnected past
+    /// the controller's bound): its slots are released, its sandboxes go Lost without
+    /// an agent (their containers went with it, or the janitor removes them), and
+    /// deletes waiting on it finish. Returns how many records changed.
+    pub async fn lose_agent(&self, agent: &AgentId) -> Result<usize, GatewayError> {
+        self.inner.agents.remove(agent);
+        let _ = self.inner.registry.agent_lost(agent.clone()).await;
+        let mut changed = 0;
+        for rec in self.inner.store.list(&ListFilter::default()).await? {
+            if rec.agent.as_ref() != Some(agent) {
+                continue;
+            }
+            let key = (rec.namespace.clone(), rec.name.clone());
+            let result = self
+                .exclusive(&key, async {
+                    let store = &self.inner.store;
+                    let Some(mut rec) = store.get(&key.0, &key.1).await? else {
+                        return Ok(());
+                    };
+                    if rec.agent.as_ref() != Some(agent) {
+                        return Ok(());
+                    }
+                    if rec.phase == Phase::Terminating {
+                        store.delete(&key.0, &key.1, None).await?;
+                        return Ok(());
+                    }
+                    rec.phase = Phase::Lost;
+                    rec.agent = None;
+                    rec.node = None;
+                    store.update(rec).await?;
+                    Ok(())
+                })
+                .await;
+            match result {
+                Ok(()) => changed += 1,
+                Err(e) => {
+                    tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "marking a sandbox Lost")
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Whether an agent is reachable now.
+    pub fn has_agent(&self, agent: &AgentId) -> bool {
+        self.inner.agents.contains_key(agent)
+    }
+
     // ---- background -----------------------------------------------------------
 
     /// One sweep: expire sandboxes past their expire time (container removed, record
@@ -1295,10 +1495,16 @@ impl<S: SandboxStore> Gateway<S> {
             let key = (rec.namespace.clone(), rec.name.clone());
             let expired = rec.expire_time_ms.is_some_and(|t| t <= now)
                 && !matches!(rec.phase, Phase::Expired | Phase::Terminating);
+            let reset = rec.reset_revision > rec.accepted_reset_revision
+                && rec.agent.is_some()
+                && matches!(rec.phase, Phase::Running | Phase::Succeeded | Phase::Failed);
             let result = if expired {
                 self.try_exclusive(&key, self.expire_held(&key)).await
             } else if rec.phase == Phase::Terminating {
                 self.try_exclusive(&key, self.delete_held(&key, None)).await
+            } else if reset {
+                // Asked for by writing the record directly (kubectl edits resetRevision).
+                self.try_exclusive(&key, self.reset_held(&key)).await
             } else {
                 continue;
             };
@@ -1459,6 +1665,14 @@ impl<S: SandboxStore> Gateway<S> {
                     }
                     store.delete(&rec.namespace, &rec.name, None).await?;
                     report.removed_records += 1;
+                }
+                (Phase::Bound, None) if rec.request_id.is_none() => {
+                    // Made by kubectl, not by a create call: placed again.
+                    rec.phase = Phase::Pending;
+                    rec.agent = None;
+                    rec.node = None;
+                    store.update(rec).await?;
+                    report.lost += 1;
                 }
                 (Phase::Bound, None) => {
                     store.delete(&rec.namespace, &rec.name, None).await?;

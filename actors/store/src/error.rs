@@ -83,6 +83,10 @@ pub enum StoreError {
     /// The spec could not be serialized (a bug: the types are plain data).
     #[error("encoding sandbox record: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The remote store (the Kubernetes API server) did not answer or failed; the
+    /// write may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// The blocking task running the call panicked or was cancelled.
     #[error("store task failed: {0}")]
     Task(String),
@@ -114,7 +118,7 @@ impl HasErrorCode for StoreError {
             | Self::RequestIdTaken { .. }
             | Self::SandboxIdTaken { .. } => ErrorCode::AlreadyExists,
             Self::Conflict { .. } => ErrorCode::Aborted,
-            Self::Busy(_) => ErrorCode::Unavailable,
+            Self::Busy(_) | Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::SchemaTooNew { .. } => ErrorCode::FailedPrecondition,
             Self::Corrupt { .. } | Self::Sqlite(_) | Self::Encode(_) | Self::Task(_) => {
                 ErrorCode::Internal

@@ -1,0 +1,309 @@
+//! [`run`]: the controller process, composed. The order is the point:
+//! 1. the AgentControl server starts, so agents can register;
+//! 2. creates wait until every running agent pod has registered and had its
+//!    inventory reconciled with the Sandbox objects (or `startup_wait` passed): the
+//!    registry is rebuilt before anything is allocated (the original served creates
+//!    before restoring);
+//! 3. then the fast path serves, and the sweeper and the Sandbox loop run under the
+//!    supervisor.
+//!
+//! On shutdown: no new creates, open calls finish, FAST record writes are drained.
+
+use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
+
+use fsb_core::spec::SpecLimits;
+use fsb_gateway::{FastPathService, Gateway, GatewayConfig, TokenCheck};
+use fsb_proto::{ServingStatus, fastpath::v1 as fp, standard_services};
+use fsb_registry::RegistryHandle;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client, api::ListParams};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    agents::{AgentBook, AgentControlService, AgentIdentity},
+    identity::PodIdentity,
+    sandboxes::{PendingDemand, SandboxLoop, SandboxLoopConfig, scoped},
+    store::KubeStore,
+    supervisor::{Backoff, Restarts, supervise},
+};
+
+/// How the controller behaves.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Fast-path gRPC address.
+    pub listen: SocketAddr,
+    /// AgentControl gRPC address (agents register here).
+    pub agent_listen: SocketAddr,
+    /// The agents' own port: no sandbox may ask for it.
+    pub agent_port: u16,
+    /// Mode of creates that name none.
+    pub default_mode: fp::ConsistencyMode,
+    /// Bearer token the fast path requires (None: none; Kubernetes RBAC on the fast
+    /// path comes with TokenReview/SubjectAccessReview).
+    pub token: Option<String>,
+    /// Longest wait for running agent pods to register before serving creates.
+    pub startup_wait: Duration,
+    /// A disconnected agent whose pod exists is declared lost after this long.
+    pub agent_lost_after: Duration,
+    /// Period of the Sandbox loop.
+    pub sandbox_interval: Duration,
+    /// Heartbeat period agents are told to use.
+    pub heartbeat: Duration,
+    /// Only this namespace's Sandboxes, pools and agents (None: the whole cluster).
+    pub namespace: Option<String>,
+    /// Gateway settings (record retries, sweep period); limits and namespace are set
+    /// from the fields above.
+    pub gateway: GatewayConfig,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7370)),
+            agent_listen: SocketAddr::from(([0, 0, 0, 0], 7371)),
+            agent_port: 5758,
+            default_mode: fp::ConsistencyMode::Fast,
+            token: None,
+            startup_wait: Duration::from_secs(15),
+            agent_lost_after: Duration::from_secs(30),
+            sandbox_interval: Duration::from_millis(500),
+            heartbeat: Duration::from_secs(5),
+            namespace: None,
+            gateway: GatewayConfig::default(),
+        }
+    }
+}
+
+/// Where a running controller listens, for tests and the log.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    /// The fast path.
+    pub fast_path: SocketAddr,
+    /// AgentControl.
+    pub agents: SocketAddr,
+}
+
+/// What a running controller shares (tests inspect it; the pool reconciler reads it).
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Agents heard from.
+    pub book: Arc<AgentBook>,
+    /// Sandboxes waiting for capacity.
+    pub demand: Arc<PendingDemand>,
+    /// The registry.
+    pub registry: RegistryHandle,
+    /// Restart counts of supervised loops.
+    pub restarts: Arc<Restarts>,
+}
+
+/// Errors that stop the controller before it serves.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// A listener could not bind.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Anything else while starting.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Run the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    ready: impl FnOnce(Addresses, Shared) + Send,
+) -> Result<(), ControllerError> {
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ControllerError::Bind { what, addr, source })
+    };
+    let fast_listener = bind("--listen", config.listen).await?;
+    let agent_listener = bind("--agent-listen", config.agent_listen).await?;
+    let addrs = Addresses {
+        fast_path: fast_listener
+            .local_addr()
+            .map_err(|e| ControllerError::Setup(e.to_string()))?,
+        agents: agent_listener
+            .local_addr()
+            .map_err(|e| ControllerError::Setup(e.to_string()))?,
+    };
+
+    let limits = SpecLimits {
+        agent_port: Some(config.agent_port),
+        ..SpecLimits::default()
+    };
+    let store = KubeStore::new(client.clone(), limits.clone(), config.namespace.clone());
+    let registry = RegistryHandle::start();
+    let gateway = Gateway::new(
+        GatewayConfig {
+            limits: limits.clone(),
+            default_mode: config.default_mode,
+            pool_namespace: None,
+            ..config.gateway.clone()
+        },
+        store,
+        registry.clone(),
+    );
+    let book = Arc::new(AgentBook::default());
+    let identity: Arc<dyn AgentIdentity> = Arc::new(PodIdentity::new(client.clone()));
+    let agent_service = AgentControlService::new(
+        gateway.clone(),
+        registry.clone(),
+        identity,
+        book.clone(),
+        config.heartbeat,
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let agent_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(agent_service.server())
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(agent_listener)
+                    .with_nodelay(Some(true)),
+                stopped(stop_rx.clone()),
+            ),
+    );
+    tracing::info!(addr = %addrs.agents, "agent control listening");
+
+    wait_for_agents(
+        &client,
+        config.namespace.as_deref(),
+        &book,
+        config.startup_wait,
+    )
+    .await;
+    gateway.start_serving();
+    gateway.spawn_sweeper();
+
+    let restarts = Arc::new(Restarts::default());
+    let demand = Arc::new(PendingDemand::default());
+    {
+        let (client, gateway, book, demand) = (
+            client.clone(),
+            gateway.clone(),
+            book.clone(),
+            demand.clone(),
+        );
+        let loop_config = SandboxLoopConfig {
+            interval: config.sandbox_interval,
+            agent_lost_after: config.agent_lost_after,
+            limits: limits.clone(),
+            scope: config.namespace.clone(),
+        };
+        supervise("sandboxes", &restarts, Backoff::default(), move || {
+            SandboxLoop::new(
+                client.clone(),
+                gateway.clone(),
+                book.clone(),
+                demand.clone(),
+                loop_config.clone(),
+            )
+            .run()
+        });
+    }
+
+    let (reporter, health, reflection) =
+        standard_services().map_err(|e| ControllerError::Setup(e.to_string()))?;
+    reporter
+        .set_service_status("fastpath.v1.FastPath", ServingStatus::Serving)
+        .await;
+    let fast_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(FastPathService::server(
+                gateway.clone(),
+                TokenCheck::new(config.token.clone()),
+            ))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(fast_listener).with_nodelay(Some(true)),
+                stopped(stop_rx.clone()),
+            ),
+    );
+    tracing::info!(addr = %addrs.fast_path, "fast path listening");
+    ready(
+        addrs,
+        Shared {
+            book,
+            demand,
+            registry,
+            restarts,
+        },
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: no new creates");
+    gateway.stop_serving();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), fast_server).await;
+    if !gateway.drain(Duration::from_secs(10)).await {
+        tracing::warn!(
+            unrecorded = gateway.unrecorded(),
+            "record writes still in flight at exit"
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), agent_server).await;
+    Ok(())
+}
+
+/// Wait until every running, ready agent pod has registered, at most `limit`.
+async fn wait_for_agents(client: &Client, scope: Option<&str>, book: &AgentBook, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let pods: Api<Pod> = scoped(client, scope);
+    let selector = format!(
+        "{}={}",
+        fsb_core::labels::LABEL_APP,
+        fsb_core::labels::LABEL_APP_AGENT
+    );
+    loop {
+        let expected: Option<HashSet<String>> = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()
+            .map(|l| {
+                l.items
+                    .into_iter()
+                    .filter(|p| {
+                        p.metadata.deletion_timestamp.is_none()
+                            && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    })
+                    .filter_map(|p| p.metadata.uid)
+                    .collect()
+            });
+        let registered: HashSet<String> = book
+            .all()
+            .into_iter()
+            .filter(|(_, a)| a.connected)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        let missing = expected.as_ref().map(|e| e.difference(&registered).count());
+        if missing == Some(0) {
+            tracing::info!(agents = registered.len(), "every running agent registered");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?missing,
+                "serving before every agent registered (startup wait over)"
+            );
+            return;
+        }
+        tokio::select! {
+            () = book.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! fsb-controller: parse the config, start logging, connect to the API server
+//! (in-cluster config or KUBECONFIG) and run the controller until SIGTERM or Ctrl-C.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use fsb_controller::run::{ControllerConfig, run};
+use fsb_proto::fastpath::v1 as fp;
+
+/// Kubernetes controller: fast-path gateway, registry, agent sessions, Sandbox loop.
+#[derive(Debug, Parser)]
+#[command(name = "fsb-controller", version)]
+struct Config {
+    /// Fast-path gRPC address.
+    #[arg(long, env = "FSB_LISTEN", default_value = "0.0.0.0:7370")]
+    listen: SocketAddr,
+    /// Address agents register at (agent.v1.AgentControl).
+    #[arg(long, env = "FSB_AGENT_LISTEN", default_value = "0.0.0.0:7371")]
+    agent_listen: SocketAddr,
+    /// The agents' own port (sandboxes may not use it).
+    #[arg(long, env = "FSB_AGENT_PORT", default_value_t = 5758)]
+    agent_port: u16,
+    /// Consistency mode of creates that name none: fast or strong.
+    #[arg(long, env = "FSB_DEFAULT_MODE", default_value = "fast", value_parser = ["fast", "strong"])]
+    default_mode: String,
+    /// File holding the bearer token fast-path clients must send (none: no token).
+    #[arg(long, env = "FSB_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Longest wait for running agent pods to register before serving creates.
+    #[arg(long, env = "FSB_STARTUP_WAIT_SECONDS", default_value_t = 15)]
+    startup_wait_seconds: u64,
+    /// A disconnected agent whose pod still exists is declared lost after this long.
+    #[arg(long, env = "FSB_AGENT_LOST_AFTER_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    agent_lost_after_seconds: u64,
+    /// Only this namespace's Sandboxes, pools and agents (default: the whole cluster).
+    #[arg(long, env = "FSB_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Heartbeat period agents are told to use, milliseconds.
+    #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    heartbeat_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let config = match Config::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!(
+                "fsb-controller: {}",
+                e.render()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid configuration")
+            );
+            return ExitCode::from(64);
+        }
+    };
+    let token = match &config.token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+            Ok(_) => {
+                eprintln!("fsb-controller: --token-file {}: empty", path.display());
+                return ExitCode::from(64);
+            }
+            Err(e) => {
+                eprintln!("fsb-controller: --token-file {}: {e}", path.display());
+                return ExitCode::from(64);
+            }
+        },
+        None => None,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let controller = ControllerConfig {
+        listen: config.listen,
+        agent_listen: config.agent_listen,
+        agent_port: config.agent_port,
+        default_mode: if config.default_mode == "strong" {
+            fp::ConsistencyMode::Strong
+        } else {
+            fp::ConsistencyMode::Fast
+        },
+        token,
+        startup_wait: Duration::from_secs(config.startup_wait_seconds),
+        agent_lost_after: Duration::from_secs(config.agent_lost_after_seconds),
+        heartbeat: Duration::from_millis(config.heartbeat_ms),
+        namespace: config.watch_namespace,
+        ..ControllerConfig::default()
+    };
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the tokio runtime: {e}"))
+    });
+    let result = system.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("connecting to the API server: {e}"))?;
+        run(client, controller, shutdown(), |addrs, _| {
+            tracing::info!(fast_path = %addrs.fast_path, agents = %addrs.agents, "controller ready");
+        })
+        .await
+        .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fsb-controller: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

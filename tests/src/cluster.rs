@@ -1,0 +1,366 @@
+//! Kubernetes-mode fixtures over the harness's API server (`tests/run.sh k8s`): a kube
+//! client, the controller run in-process, agent pods (Pod objects owned by a pool,
+//! with a real `fsb-agent` process standing in for the kubelet's container).
+
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use fsb_controller::{
+    crd::{PoolCapacity, RuntimeName, SandboxPool, SandboxPoolSpec},
+    run::{Addresses, ControllerConfig, Shared, run},
+};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, PostParams},
+};
+use serde_json::json;
+
+use crate::containerd::ContainerdEnv;
+
+/// A client of the test API server with the admin token (from FSB_KUBECONFIG).
+pub async fn kube_client() -> Result<Client> {
+    let path =
+        std::env::var("FSB_KUBECONFIG").context("FSB_KUBECONFIG is set by tests/run.sh k8s")?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Install (or update) the Sandbox and SandboxPool CRDs as the code generates them and
+/// wait until both are Established. Idempotent; safe from concurrent tests.
+pub async fn install_crds(client: &Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::{
+        CustomResourceExt,
+        api::{Patch, PatchParams},
+    };
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [
+        fsb_controller::crd::Sandbox::crd(),
+        fsb_controller::crd::SandboxPool::crd(),
+    ] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply("fsb-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        crate::wait::wait_until(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(30),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let c = api.get(&name).await?;
+                    let ok = c
+                        .status
+                        .iter()
+                        .flat_map(|s| s.conditions.iter().flatten())
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    Ok(ok.then_some(()))
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Create a namespace named `name` (fresh per test).
+pub async fn namespace(client: &Client, name: &str) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    // No controller-manager runs, so nothing makes the `default` ServiceAccount pods
+    // need: make it.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), name);
+    let sa = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+    match sas.create(&PostParams::default(), &sa).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Create a SandboxPool (no pods are made for it unless a pool reconciler runs).
+pub async fn pool(client: &Client, ns: &str, name: &str, per_pod: u32) -> Result<SandboxPool> {
+    let api: Api<SandboxPool> = Api::namespaced(client.clone(), ns);
+    let pool = SandboxPool::new(
+        name,
+        SandboxPoolSpec {
+            capacity: PoolCapacity {
+                pool_min: 0,
+                pool_max: 4,
+                buffer_min: 0,
+                buffer_max: 4,
+            },
+            max_sandboxes_per_pod: per_pod,
+            runtime: RuntimeName::Runc,
+            warm_images: Vec::new(),
+            agent_template: None,
+        },
+    );
+    Ok(api.create(&PostParams::default(), &pool).await?)
+}
+
+/// The controller, in this process.
+#[derive(Debug)]
+pub struct ControllerUnderTest {
+    /// Where it listens.
+    pub addrs: Addresses,
+    /// Its shared state.
+    pub shared: Shared,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ControllerUnderTest {
+    /// Start a controller of namespace `ns` on loopback ports with short loops. Call
+    /// from inside an actix system (`#[actix_rt::test]`).
+    pub async fn start(
+        client: Client,
+        ns: &str,
+        tweak: impl FnOnce(&mut ControllerConfig),
+    ) -> Result<Self> {
+        let mut config = ControllerConfig {
+            namespace: Some(ns.to_owned()),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            agent_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            startup_wait: Duration::from_secs(2),
+            agent_lost_after: Duration::from_secs(5),
+            sandbox_interval: Duration::from_millis(200),
+            heartbeat: Duration::from_millis(500),
+            ..ControllerConfig::default()
+        };
+        config.gateway.sweep_interval = Duration::from_millis(300);
+        tweak(&mut config);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        // actix actors (the gateway's) start on the system's local task set.
+        let task = actix_rt::spawn(async move {
+            let result = run(
+                client,
+                config,
+                async {
+                    let _ = stop_rx.await;
+                },
+                move |addrs, shared| {
+                    let _ = ready_tx.send((addrs, shared));
+                },
+            )
+            .await;
+            if let Err(e) = result {
+                eprintln!("controller: {e}");
+            }
+        });
+        let (addrs, shared) = tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .context("controller did not start within 30 s")??;
+        Ok(Self {
+            addrs,
+            shared,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// The fast path's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addrs.fast_path)
+    }
+
+    /// The AgentControl URL agents dial.
+    pub fn agent_url(&self) -> String {
+        format!("http://{}", self.addrs.agents)
+    }
+
+    /// Stop gracefully and wait.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+    }
+}
+
+impl Drop for ControllerUnderTest {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// An agent pod: a Pod object owned by a pool (left Pending: no kubelet runs) and a
+/// real `fsb-agent` process with that pod's identity. Killed on drop.
+#[derive(Debug)]
+pub struct AgentPod {
+    /// Pod name.
+    pub name: String,
+    /// Pod uid (= agent id).
+    pub uid: String,
+    /// The agent's own port.
+    pub port: u16,
+    child: Option<tokio::process::Child>,
+    log_dir: PathBuf,
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl AgentPod {
+    /// Create the Pod object `name` owned by `owner` (None: owned by nobody, to test
+    /// that such an agent is refused) and start its agent against `controller_url`.
+    pub async fn start(
+        client: &Client,
+        ns: &str,
+        name: &str,
+        pool: &str,
+        owner: Option<&SandboxPool>,
+        capacity: u32,
+        controller_url: &str,
+    ) -> Result<Self> {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {
+                "app": "sandbox-agent", "fast-sandbox.io/pool": pool}},
+            "spec": {"containers": [{"name": "agent", "image": "fast-sandbox/agent:test"}]},
+        }))?;
+        if let Some(p) = owner {
+            pod.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "sandbox.fast.io/v1alpha1".into(),
+                kind: "SandboxPool".into(),
+                name: pool.to_owned(),
+                uid: p.metadata.uid.clone().unwrap_or_default(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]);
+        }
+        let pod = pods.create(&PostParams::default(), &pod).await?;
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let mut agent = Self::spawn(ns, name, &uid, pool, capacity, controller_url)?;
+        agent.wait_listening().await?;
+        Ok(agent)
+    }
+
+    fn spawn(
+        ns: &str,
+        name: &str,
+        uid: &str,
+        pool: &str,
+        capacity: u32,
+        controller_url: &str,
+    ) -> Result<Self> {
+        let env = ContainerdEnv::from_env();
+        let bin = std::env::var("FSB_AGENT_BIN").context("FSB_AGENT_BIN is set by tests/run.sh")?;
+        let port = free_port()?;
+        let run_dir = std::env::var("FSB_TEST_RUN_DIR").unwrap_or_else(|_| "/tmp/fsb-test".into());
+        let log_dir = PathBuf::from(run_dir).join("agent-logs").join(uid);
+        std::fs::create_dir_all(&log_dir)?;
+        let child = tokio::process::Command::new(bin)
+            .env("FSB_AGENT_ID", uid)
+            .env("FSB_POD_UID", uid)
+            .env("FSB_POD_NAME", name)
+            .env("FSB_NAMESPACE", ns)
+            .env("FSB_POOL", pool)
+            .env("FSB_NODE_NAME", "fsb-test-node")
+            .env("FSB_CAPACITY", capacity.to_string())
+            .env("FSB_CONTROLLER", controller_url)
+            .env("FSB_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FSB_HEARTBEAT_MS", "500")
+            .env("FSB_STOP_GRACE_SECONDS", "2")
+            .env("FSB_CONTAINERD_SOCKET", &env.socket)
+            .env("FSB_CONTAINERD_NAMESPACE", &env.namespace)
+            .env("FSB_RUNTIME_ROOT", &env.runtime_root)
+            .env("FSB_RUNSC", &env.runsc)
+            .env("FSB_LOG_DIR", &log_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self {
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            port,
+            child: Some(child),
+            log_dir,
+        })
+    }
+
+    async fn wait_listening(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("agent {} exited: {status}", self.name);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("agent {} did not listen within 20 s", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL the agent process (its containers keep running).
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Delete the Pod object (as if the node lost it) with no grace.
+    pub async fn delete_pod(&self, client: &Client, ns: &str) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        pods.delete(
+            &self.name,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Where its sandboxes' logs go.
+    pub fn log_dir(&self) -> &PathBuf {
+        &self.log_dir
+    }
+
+    /// Build the metadata of a pod: for tests that create pods by hand.
+    pub fn meta(name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        }
+    }
+}
