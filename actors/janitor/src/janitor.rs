@@ -151,6 +151,16 @@ impl<C: ClusterView, N: NodeContainers> Janitor<C, N> {
         }
     }
 
+    /// The API-server seam.
+    pub fn cluster(&self) -> &C {
+        &self.cluster
+    }
+
+    /// The containerd seam.
+    pub fn containers(&self) -> &N {
+        &self.containers
+    }
+
     /// Counters since start.
     pub fn stats(&self) -> JanitorStats {
         let c = &self.counters;
