@@ -152,6 +152,8 @@ async fn sandbox(client: &Client, ns: &str, name: &str, claim: Option<&str>) -> 
         CrdSpec {
             image: "busybox".into(),
             pool_ref: "default".into(),
+            // Default::default() gives 0, which the schema rejects (minimum 1).
+            recovery_timeout_seconds: 60,
             ..CrdSpec::default()
         },
     );
