@@ -15,6 +15,10 @@
 //! agent pod orphans its containers while a present one keeps them; with the API server
 //! unreachable (a TCP proxy in front of it refusing) nothing is removed and every
 //! container counts as unknown, and once it is reachable again the orphans go (item 9).
+//! Last, the `fsb-janitor` binary itself (`--once`, KUBECONFIG, every container of its
+//! containerd namespace: a namespace of the test's own, holding bare container records)
+//! removes an old orphan, keeps a live one and prints its counters as JSON; bad
+//! configuration exits 64.
 
 #![cfg(feature = "k8s")]
 #![allow(clippy::unwrap_used)] // helpers below are test code too
@@ -658,4 +662,140 @@ async fn an_unreachable_api_server_removes_nothing_then_orphans_are_cleaned() {
     delete_sandbox(&client, &ns, "live").await;
     delete_sandbox(&client, &ns, "agentless").await;
     delete_pod(&client, &ns, &pod_live).await;
+}
+
+/// A bare container record (no snapshot, no task) with `labels`, in containerd
+/// namespace `cd_ns`: enough for the janitor, which lists records and removes them.
+async fn bare_container(
+    env: &ContainerdEnv,
+    cd_ns: &str,
+    labels: HashMap<String, String>,
+) -> SandboxId {
+    use containerd_client::services::v1::{
+        Container, CreateContainerRequest, container::Runtime, containers_client::ContainersClient,
+    };
+    let id = SandboxId::generate();
+    let mut labels = labels;
+    labels.insert(fsb_core::labels::LABEL_MANAGED.into(), "true".into());
+    labels.insert(fsb_core::labels::LABEL_ID.into(), id.as_str().into());
+    let mut req = tonic::Request::new(CreateContainerRequest {
+        container: Some(Container {
+            id: id.as_str().into(),
+            labels,
+            image: "fsb.test/none:latest".into(),
+            runtime: Some(Runtime {
+                name: fsb_tests::RUNC_SHIM.into(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+                value: b"{}".to_vec(),
+            }),
+            ..Container::default()
+        }),
+    });
+    req.metadata_mut()
+        .insert("containerd-namespace", cd_ns.parse().unwrap());
+    ContainersClient::new(env.connect().await.unwrap())
+        .create(req)
+        .await
+        .unwrap();
+    id
+}
+
+#[actix_rt::test]
+async fn the_binary_removes_an_old_orphan_once_and_prints_its_counters() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let bin = std::env::var("FSB_JANITOR_BIN").expect("FSB_JANITOR_BIN is set by tests/run.sh k8s");
+    let kubeconfig = std::env::var("FSB_KUBECONFIG").unwrap();
+    let env = ContainerdEnv::from_env();
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client).await;
+    let pod = format!("agent-{}", short());
+    let uid = agent_pod(&client, &ns, &pod).await;
+    let claim = sandbox(&client, &ns, "live", None).await;
+    let labels = |name: &str, claim: &str| -> HashMap<String, String> {
+        [
+            (fsb_core::labels::LABEL_NAMESPACE, ns.as_str()),
+            (fsb_core::labels::LABEL_SANDBOX_NAME, name),
+            (LABEL_CLAIM_UID, claim),
+            (fsb_core::labels::LABEL_AGENT_UID, uid.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    };
+    // A containerd namespace of this test's own: the binary judges everything in it.
+    let cd_ns = format!("fsb-janitor-{}", short());
+    let live = bare_container(&env, &cd_ns, labels("live", &claim)).await;
+    let orphan = bare_container(&env, &cd_ns, labels("never-recorded", "fast-claim")).await;
+    let created = SystemTime::now();
+
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("FSB_CONTAINERD_SOCKET", &env.socket)
+            .env("FSB_CONTAINERD_NAMESPACE", &cd_ns)
+            .env("FSB_LOG_DIR", env.run_dir.join("janitor-logs"))
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    let bad = run(&["--interval-seconds", "0"]);
+    assert_eq!(bad.status.code(), Some(64), "{bad:?}");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    assert!(stderr.starts_with("fsb-janitor: "), "{stderr}");
+
+    // Both records must be older than the timeout (1 s, the smallest the flag takes).
+    wait_until(
+        "records older than the orphan timeout",
+        DEADLINE,
+        || async {
+            Ok((SystemTime::now() >= created + TIMEOUT + Duration::from_millis(100)).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let out = run(&[
+        "--once",
+        "--orphan-timeout-seconds",
+        "1",
+        "--grace-seconds",
+        "0",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        stats,
+        json!({"scans": 1, "scan_errors": 0, "scanned": 2, "removed": 1, "failed": 0, "unknown": 0}),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("removed orphan container") && stderr.contains(orphan.as_str()),
+        "each removal is logged with its reason: {stderr}"
+    );
+    let cd = fsb_agent::containerd::Containerd::connect(fsb_agent::containerd::ContainerdConfig {
+        namespace: cd_ns.clone(),
+        ..fsb_tests::containerd_config(&env)
+    })
+    .await
+    .unwrap();
+    let rt = ContainerdRuntime::new(cd, env.run_dir.join("janitor-logs"));
+    let left: Vec<SandboxId> = rt
+        .list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.id)
+        .collect();
+    assert_eq!(left, vec![live.clone()]);
+
+    rt.remove(&live, Duration::ZERO).await.unwrap();
+    delete_sandbox(&client, &ns, "live").await;
+    delete_pod(&client, &ns, &pod).await;
 }
