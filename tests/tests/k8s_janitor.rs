@@ -18,7 +18,9 @@
 //! Last, the `fsb-janitor` binary itself (`--once`, KUBECONFIG, every container of its
 //! containerd namespace: a namespace of the test's own, holding bare container records)
 //! removes an old orphan, keeps a live one and prints its counters as JSON; bad
-//! configuration exits 64.
+//! configuration exits 64. And `deploy/rbac/janitor.yaml`, applied for real, lets the
+//! janitor's service account (impersonated) get real answers to both questions, while
+//! an account without it gets 403s that count as unknown, never as gone.
 
 #![cfg(feature = "k8s")]
 #![allow(clippy::unwrap_used)] // helpers below are test code too
@@ -796,6 +798,90 @@ async fn the_binary_removes_an_old_orphan_once_and_prints_its_counters() {
     assert_eq!(left, vec![live.clone()]);
 
     rt.remove(&live, Duration::ZERO).await.unwrap();
+    delete_sandbox(&client, &ns, "live").await;
+    delete_pod(&client, &ns, &pod).await;
+}
+
+/// `deploy/rbac/janitor.yaml` applied for real (server-side apply), with its namespace.
+async fn apply_janitor_rbac(client: &Client) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let ns: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "fast-sandbox-system"}})).unwrap();
+    match ns.create(&PostParams::default(), &obj).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating fast-sandbox-system: {e}"),
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/janitor.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let pp = PatchParams::apply("fsb-tests").force();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: serde_json::Value =
+            serde_yaml::from_value(serde::Deserialize::deserialize(doc).unwrap()).unwrap();
+        let name = v["metadata"]["name"].as_str().unwrap().to_owned();
+        match v["kind"].as_str().unwrap() {
+            "ServiceAccount" => {
+                let api: Api<ServiceAccount> =
+                    Api::namespaced(client.clone(), v["metadata"]["namespace"].as_str().unwrap());
+                api.patch(&name, &pp, &Patch::Apply(&v)).await.unwrap();
+            }
+            "ClusterRole" => {
+                let api: Api<ClusterRole> = Api::all(client.clone());
+                api.patch(&name, &pp, &Patch::Apply(&v)).await.unwrap();
+            }
+            "ClusterRoleBinding" => {
+                let api: Api<ClusterRoleBinding> = Api::all(client.clone());
+                api.patch(&name, &pp, &Patch::Apply(&v)).await.unwrap();
+            }
+            other => panic!("unexpected kind {other} in {path}"),
+        }
+    }
+}
+
+/// The API server as user `user` (impersonated by the admin).
+async fn cluster_as(user: &str) -> KubeCluster {
+    let mut config = kube_config().await.unwrap();
+    config.auth_info.impersonate = Some(user.to_owned());
+    KubeCluster::new(Client::try_from(config).unwrap(), Duration::from_secs(5))
+}
+
+#[actix_rt::test]
+async fn the_deployed_rbac_answers_every_question_the_janitor_asks() {
+    let client = client().await;
+    install_crds(&client).await;
+    apply_janitor_rbac(&client).await;
+    let ns = namespace(&client).await;
+    let pod = format!("agent-{}", short());
+    let uid = agent_pod(&client, &ns, &pod).await;
+    sandbox(&client, &ns, "live", None).await;
+
+    // Without these permissions every answer would be "unknown" (403) and the janitor
+    // would keep every orphan forever: the janitor's own account must get real answers.
+    let janitor = cluster_as("system:serviceaccount:fast-sandbox-system:fsb-janitor").await;
+    wait_until("the janitor's RBAC is in effect", DEADLINE, || async {
+        Ok(matches!(
+            janitor.sandbox(&ns, "live").await,
+            fsb_janitor::Existence::Exists(_)
+        )
+        .then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        janitor.sandbox(&ns, "missing").await,
+        fsb_janitor::Existence::Gone
+    );
+    assert!(janitor.agent_pod_uids().await.unwrap().contains(&uid));
+
+    // Control: an account without the binding gets 403s, which are unknown, not gone.
+    let nobody = cluster_as(&format!("system:serviceaccount:{ns}:nobody")).await;
+    assert!(matches!(
+        nobody.sandbox(&ns, "missing").await,
+        fsb_janitor::Existence::Unknown(_)
+    ));
+    assert!(nobody.agent_pod_uids().await.is_err());
+
     delete_sandbox(&client, &ns, "live").await;
     delete_pod(&client, &ns, &pod).await;
 }
