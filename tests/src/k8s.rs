@@ -1,6 +1,7 @@
 //! The harness's API server as the Kubernetes tests reach it (`tests/run.sh k8s`
-//! exports FSB_K8S_SERVER, FSB_K8S_CA, FSB_K8S_TOKEN): a REST client with the admin
-//! token, returning status code and JSON body, so tests assert on both.
+//! exports FSB_K8S_SERVER, FSB_K8S_CA, FSB_K8S_TOKEN, FSB_KUBECONFIG): a REST client
+//! with the admin token, returning status code and JSON body, so tests assert on both;
+//! and [`kube_config`], the same server for code that takes a `kube::Client`.
 
 use std::time::Duration;
 
@@ -58,4 +59,18 @@ impl KubeApi {
     pub async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
         self.send(reqwest::Method::POST, path, Some(body)).await
     }
+}
+
+/// The admin's `kube::Config` for the test API server, from FSB_KUBECONFIG. Tests may
+/// change `cluster_url` (e.g. to a proxy on 127.0.0.1: the server certificate names
+/// that address).
+pub async fn kube_config() -> Result<kube::Config> {
+    let path =
+        std::env::var("FSB_KUBECONFIG").context("FSB_KUBECONFIG is set by tests/run.sh k8s")?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
+    Ok(kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?)
 }

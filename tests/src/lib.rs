@@ -13,7 +13,8 @@
 //! - [`image`]: resolve an image in containerd's store to its config and rootfs chain id.
 //! - [`wait`]: [`wait_until`], polling with a deadline (tests never sleep a fixed time).
 //! - [`unique_id`]: fixed-width container ids (runsc matches ids by prefix).
-//! - `k8s` (feature `k8s`): `KubeApi`, a REST client of the harness's API server.
+//! - `k8s` (feature `k8s`): `KubeApi`, a REST client of the harness's API server, and
+//!   `kube_config`, the same server as a `kube::Config` (from FSB_KUBECONFIG).
 //! - [`local`]: `fsb up` as a child process ([`local::LocalUp`]) and an authenticated
 //!   fast-path client.
 //!

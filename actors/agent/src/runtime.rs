@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use containerd_client::{
@@ -127,6 +127,9 @@ pub struct ObservedSandbox {
     pub state: TaskState,
     /// Host pid of its init process (0 if none).
     pub pid: u32,
+    /// When containerd created the container (`None` if it did not say); the janitor
+    /// removes orphans only once they are older than its orphan timeout.
+    pub created_at: Option<SystemTime>,
 }
 
 /// A task exit seen on containerd's event stream.
@@ -588,6 +591,7 @@ impl ContainerdRuntime {
                 image: c.image,
                 state,
                 pid,
+                created_at: c.created_at.and_then(|t| SystemTime::try_from(t).ok()),
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
