@@ -59,3 +59,18 @@ impl KubeApi {
         self.send(reqwest::Method::POST, path, Some(body)).await
     }
 }
+
+/// A `kube::Client` of the test API server, from the kubeconfig `tests/run.sh k8s`
+/// writes (FSB_KUBECONFIG; the admin context).
+pub async fn kube_client() -> Result<kube::Client> {
+    let path =
+        std::env::var("FSB_KUBECONFIG").context("FSB_KUBECONFIG is set by tests/run.sh k8s")?;
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&path).with_context(|| format!("reading {path}"))?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(kube::Client::try_from(config)?)
+}

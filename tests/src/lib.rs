@@ -13,7 +13,10 @@
 //! - [`image`]: resolve an image in containerd's store to its config and rootfs chain id.
 //! - [`wait`]: [`wait_until`], polling with a deadline (tests never sleep a fixed time).
 //! - [`unique_id`]: fixed-width container ids (runsc matches ids by prefix).
-//! - `k8s` (feature `k8s`): `KubeApi`, a REST client of the harness's API server.
+//! - `k8s` (feature `k8s`): `KubeApi`, a REST client of the harness's API server, and
+//!   `kube_client`, a `kube::Client` of it.
+//! - `kubelet` (feature `k8s`): `Kubelet`, the kubelet and scheduler of agent pods (the
+//!   test cluster runs neither): binds them and runs real `fsb-agent` processes.
 //! - [`local`]: `fsb up` as a child process ([`local::LocalUp`]) and an authenticated
 //!   fast-path client.
 //!
@@ -30,6 +33,8 @@ pub mod gateway;
 pub mod image;
 #[cfg(feature = "k8s")]
 pub mod k8s;
+#[cfg(feature = "k8s")]
+pub mod kubelet;
 pub mod local;
 pub mod spec;
 pub mod wait;

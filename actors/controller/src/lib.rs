@@ -11,3 +11,4 @@
 //! by the API server).
 
 pub mod crd;
+pub mod pool;
