@@ -557,3 +557,31 @@ async fn a_template_change_brings_up_new_ready_pods_before_old_idle_ones_go() {
             .all(|p| p.labels().get("revision").map(String::as_str) == Some("2"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_the_api_server_refuses_is_reported_in_the_ready_condition() {
+    let w = World::new("pool-bad", 1).await;
+    w.create_pool("p", capacity(1, 1, 0, 0), 1).await;
+    // A container name that is not a DNS label: every pod create is refused.
+    let template = json!({
+        "spec": {"containers": [{"name": "Not_A_Label", "image": "fsb.test/fsb-agent:1"}]},
+    });
+    w.pools
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"agentTemplate": template}})),
+        )
+        .await
+        .unwrap();
+    w.wait_status("p", "Ready False with reason PodCreateFailed", |s| {
+        let ready = condition(s, "Ready");
+        ready["status"] == "False"
+            && ready["reason"] == "PodCreateFailed"
+            && ready["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Not_A_Label")
+    })
+    .await;
+}

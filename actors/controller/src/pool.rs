@@ -263,7 +263,14 @@ async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Pool
         add_finalizer(&pool, &pools).await?;
     }
 
-    let (template, hash) = pod::rendered_template(&pool, &ctx.config)?;
+    let (template, hash) = match pod::rendered_template(&pool, &ctx.config) {
+        Ok(rendered) => rendered,
+        Err(e @ PoolError::InvalidTemplate(_)) => {
+            report_not_ready(&pool, &pools, "InvalidTemplate", &e.to_string()).await?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let views: Vec<PodView> = owned.iter().map(|p| view(p, &hash)).collect();
     let agents = ctx.usage.agents(&ns, &name);
     let pending = ctx.usage.pending(&ns, &name);
@@ -298,8 +305,16 @@ async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Pool
     }
     for _ in 0..plan.create {
         let pod = pod::agent_pod(&pool, &template, &hash)?;
-        let created = pods.create(&PostParams::default(), &pod).await?;
-        tracing::info!(pod = %created.name_any(), "created agent pod");
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(created) => tracing::info!(pod = %created.name_any(), "created agent pod"),
+            // The API server refuses the template's pods: say so where users look.
+            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 403 => {
+                let message = format!("creating an agent pod: {}", e.message);
+                report_not_ready(&pool, &pools, "PodCreateFailed", &message).await?;
+                return Err(kube::Error::Api(e).into());
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 
     let status = status_of(&pool, &views, &agents, &plan.demand);
@@ -530,6 +545,27 @@ fn status_of(
             ),
         ],
     }
+}
+
+/// Ready=False with `reason` when a pass cannot go on (the rest of the status stays).
+async fn report_not_ready(
+    pool: &SandboxPool,
+    pools: &Api<SandboxPool>,
+    reason: &str,
+    message: &str,
+) -> Result<(), PoolError> {
+    let mut status = pool.status.clone().unwrap_or_default();
+    let ready = condition(
+        &status.conditions,
+        "Ready",
+        false,
+        reason,
+        message.to_owned(),
+        pool.meta().generation,
+    );
+    status.conditions.retain(|c| c.type_ != "Ready");
+    status.conditions.insert(0, ready);
+    patch_status(pool, pools, status).await
 }
 
 async fn patch_status(
