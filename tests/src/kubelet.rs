@@ -562,31 +562,35 @@ async fn terminate(inner: &Inner, pod: &Pod, name: &str, uid: &str) -> Result<()
         .map(Duration::from_secs)
         .unwrap_or(MAX_GRACE)
         .min(MAX_GRACE);
-    let gone = {
+    let (gone, sigterm) = {
         let mut procs = inner.procs();
         match procs.get_mut(uid) {
-            None => true,
+            None => (true, None),
             Some(p) => {
                 if p.child.try_wait()?.is_some() {
-                    true
-                } else {
-                    match p.terminating {
-                        None => {
-                            p.terminating = Some(Instant::now() + grace);
-                            let _ = std::process::Command::new("kill")
-                                .args(["-TERM", &p.pid.to_string()])
-                                .status();
-                        }
-                        Some(deadline) if Instant::now() >= deadline => {
-                            let _ = p.child.start_kill();
-                        }
-                        Some(_) => {}
+                    (true, None)
+                } else if let Some(deadline) = p.terminating {
+                    if Instant::now() >= deadline {
+                        let _ = p.child.start_kill();
                     }
-                    false
+                    (false, None)
+                } else {
+                    p.terminating = Some(Instant::now() + grace);
+                    (false, Some(p.pid))
                 }
             }
         }
     };
+    if let Some(pid) = sigterm {
+        // tokio's Child only sends SIGKILL; kill(1) sends the polite one.
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            eprintln!("kubelet fixture: kill -TERM {pid} failed ({status})");
+        }
+    }
     if !gone {
         return Ok(());
     }
@@ -605,4 +609,43 @@ async fn terminate(inner: &Inner, pod: &Pod, name: &str, uid: &str) -> Result<()
     }
     inner.procs().remove(uid);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn env_resolves_literals_and_the_downward_api() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p-abcde", "namespace": "ns", "uid": "u-1"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "agent", "env": [
+                {"name": "A", "value": "x"},
+                {"name": "EMPTY"},
+                {"name": "ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+                {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "SECRET", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+            ]}]},
+        }))
+        .unwrap();
+        let env = resolve_env(&pod, &pod.spec.as_ref().unwrap().containers[0]);
+        let want: BTreeMap<String, String> = [
+            ("A", "x"),
+            ("EMPTY", ""),
+            ("ID", "u-1"),
+            ("NAME", "p-abcde"),
+            ("NS", "ns"),
+            ("NODE", "n1"),
+            ("IP", POD_IP),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(env, want);
+    }
 }
