@@ -67,10 +67,16 @@ impl KubeApi {
 pub async fn kube_config() -> Result<kube::Config> {
     let path =
         std::env::var("FSB_KUBECONFIG").context("FSB_KUBECONFIG is set by tests/run.sh k8s")?;
-    let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&path).with_context(|| format!("reading {path}"))?;
     Ok(kube::Config::from_custom_kubeconfig(
         kubeconfig,
         &kube::config::KubeConfigOptions::default(),
     )
     .await?)
+}
+
+/// A `kube::Client` of the test API server (the admin context of FSB_KUBECONFIG).
+pub async fn kube_client() -> Result<kube::Client> {
+    Ok(kube::Client::try_from(kube_config().await?)?)
 }

@@ -14,7 +14,11 @@
 //! - [`wait`]: [`wait_until`], polling with a deadline (tests never sleep a fixed time).
 //! - [`unique_id`]: fixed-width container ids (runsc matches ids by prefix).
 //! - `k8s` (feature `k8s`): `KubeApi`, a REST client of the harness's API server, and
-//!   `kube_config`, the same server as a `kube::Config` (from FSB_KUBECONFIG).
+//!   `kube_config`/`kube_client`, the same server for kube (from FSB_KUBECONFIG).
+//! - `kubelet` (feature `k8s`): `Kubelet`, the kubelet and scheduler of agent pods (the
+//!   test cluster runs neither): binds them and runs real `fsb-agent` processes.
+//! - `cluster` (feature `k8s`): the controller in-process, CRD install, namespaces with
+//!   their default ServiceAccount, agent pods started by hand (identity tests).
 //! - [`local`]: `fsb up` as a child process ([`local::LocalUp`]) and an authenticated
 //!   fast-path client.
 //!
@@ -33,6 +37,8 @@ pub mod gateway;
 pub mod image;
 #[cfg(feature = "k8s")]
 pub mod k8s;
+#[cfg(feature = "k8s")]
+pub mod kubelet;
 pub mod local;
 pub mod spec;
 pub mod wait;

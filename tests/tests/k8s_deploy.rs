@@ -83,6 +83,7 @@ async fn every_manifest_passes_a_server_side_dry_run() {
         "janitor.yaml",
         "samples/pool-runc.yaml",
         "samples/pool-gvisor.yaml",
+        "samples/pool-custom-template.yaml",
     ];
     let mut checked = 0;
     for file in files {

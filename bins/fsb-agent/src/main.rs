@@ -34,6 +34,10 @@ struct Config {
     /// Address of the agent's gRPC server.
     #[arg(long, env = "FSB_LISTEN", default_value = "127.0.0.1:5758")]
     listen: SocketAddr,
+    /// Host the controller reaches this agent at (its pod IP in Kubernetes, where the
+    /// listen address is 0.0.0.0); default: the listen address.
+    #[arg(long, env = "FSB_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
     /// containerd's socket.
     #[arg(
         long,
@@ -162,7 +166,7 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
         node_name: config.node_name.unwrap_or_else(hostname),
         pod_name: config.pod_name,
         pod_uid: config.pod_uid,
-        endpoint: format!("http://{}", config.listen),
+        endpoint: advertised_endpoint(config.advertise_host.as_deref(), config.listen),
         agent_port: u32::from(config.listen.port()),
         capacity: config.capacity,
         // Every runtime goes through the runc shim; their binaries are not probed.
@@ -225,6 +229,18 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
     Ok(())
 }
 
+/// The Register endpoint: `http://<advertise-host>:<listen port>`, or the listen
+/// address itself. IPv6 hosts are bracketed.
+fn advertised_endpoint(advertise_host: Option<&str>, listen: SocketAddr) -> String {
+    match advertise_host.map(str::trim).filter(|h| !h.is_empty()) {
+        Some(host) if host.contains(':') && !host.starts_with('[') => {
+            format!("http://[{host}]:{}", listen.port())
+        }
+        Some(host) => format!("http://{host}:{}", listen.port()),
+        None => format!("http://{listen}"),
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
@@ -246,5 +262,25 @@ async fn shutdown() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_names_the_advertised_host_with_the_listen_port() {
+        let listen: SocketAddr = "0.0.0.0:5758".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(advertised_endpoint(None, listen), "http://0.0.0.0:5758");
+        assert_eq!(advertised_endpoint(Some(""), listen), "http://0.0.0.0:5758");
+        assert_eq!(
+            advertised_endpoint(Some("10.1.2.3"), listen),
+            "http://10.1.2.3:5758"
+        );
+        assert_eq!(
+            advertised_endpoint(Some("fd00::7"), listen),
+            "http://[fd00::7]:5758"
+        );
     }
 }
