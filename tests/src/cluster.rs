@@ -97,17 +97,24 @@ pub async fn namespace(client: &Client, name: &str) -> Result<()> {
     }
 }
 
-/// Create a SandboxPool (no pods are made for it unless a pool reconciler runs).
-pub async fn pool(client: &Client, ns: &str, name: &str, per_pod: u32) -> Result<SandboxPool> {
+/// Create a SandboxPool of exactly `pods` agent pods (poolMin = poolMax, no buffer:
+/// tests decide the capacity) with `per_pod` slots each.
+pub async fn pool(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    per_pod: u32,
+    pods: u32,
+) -> Result<SandboxPool> {
     let api: Api<SandboxPool> = Api::namespaced(client.clone(), ns);
     let pool = SandboxPool::new(
         name,
         SandboxPoolSpec {
             capacity: PoolCapacity {
-                pool_min: 0,
-                pool_max: 4,
+                pool_min: pods,
+                pool_max: pods,
                 buffer_min: 0,
-                buffer_max: 4,
+                buffer_max: 0,
             },
             max_sandboxes_per_pod: per_pod,
             runtime: RuntimeName::Runc,
@@ -137,6 +144,14 @@ impl ControllerUnderTest {
         ns: &str,
         tweak: impl FnOnce(&mut ControllerConfig),
     ) -> Result<Self> {
+        // The controller's log, shown with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn,fsb_controller=info,fsb_gateway=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let mut config = ControllerConfig {
             namespace: Some(ns.to_owned()),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),

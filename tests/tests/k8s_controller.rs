@@ -13,8 +13,10 @@ use fsb_proto::{
 };
 use fsb_tests::{
     agent::container_runtime,
-    cluster::{AgentPod, ControllerUnderTest, install_crds, kube_client, namespace, pool},
+    cluster::{ControllerUnderTest, install_crds, namespace, pool},
     containerd::ContainerdEnv,
+    k8s::kube_client,
+    kubelet::Kubelet,
     wait::wait_until,
 };
 use futures::StreamExt;
@@ -30,68 +32,57 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &fsb_tests::unique_id()[..8])
 }
 
-/// A namespace with a pool `p` (`per_pod` slots per agent), a controller scoped to it
-/// and `agents` registered agent pods.
+/// A namespace with a pool `p` of `agents` pods (`per_pod` slots each) that the
+/// controller's pool reconciler creates and the kubelet fixture runs (real fsb-agent
+/// processes, registering with the controller), and a controller scoped to it.
 struct Setup {
     client: Client,
     ns: String,
     controller: ControllerUnderTest,
-    agents: Vec<AgentPod>,
+    kubelet: Kubelet,
 }
 
 impl Setup {
-    async fn new(prefix: &str, per_pod: u32, agents: usize) -> Result<Self> {
-        Self::with(prefix, per_pod, agents, |_| {}).await
-    }
-
-    async fn with(
-        prefix: &str,
-        per_pod: u32,
-        agents: usize,
-        tweak: impl FnOnce(&mut fsb_controller::run::ControllerConfig),
-    ) -> Result<Self> {
+    async fn new(prefix: &str, per_pod: u32, agents: u32) -> Result<Self> {
         let client = kube_client().await?;
         install_crds(&client).await?;
         let ns = unique(prefix);
         namespace(&client, &ns).await?;
-        pool(&client, &ns, "p", per_pod).await?;
-        let controller = ControllerUnderTest::start(client.clone(), &ns, tweak).await?;
-        let mut s = Self {
+        let controller = ControllerUnderTest::start(client.clone(), &ns, |_| {}).await?;
+        let kubelet = Kubelet::start(client.clone(), &ns).await?;
+        pool(&client, &ns, "p", per_pod, agents).await?;
+        let s = Self {
             client,
             ns,
             controller,
-            agents: Vec::new(),
+            kubelet,
         };
-        for i in 0..agents {
-            s.add_agent(&format!("p-agent{i}")).await?;
-        }
+        s.wait_agents(agents as usize).await?;
         Ok(s)
     }
 
-    async fn add_agent(&mut self, name: &str) -> Result<()> {
-        let pools: Api<fsb_controller::crd::SandboxPool> =
-            Api::namespaced(self.client.clone(), &self.ns);
-        let owner = pools.get("p").await?;
-        let capacity = owner.spec.max_sandboxes_per_pod;
-        let agent = AgentPod::start(
-            &self.client,
-            &self.ns,
-            name,
-            "p",
-            Some(&owner),
-            capacity,
-            &self.controller.agent_url(),
-        )
-        .await?;
+    /// Wait until `n` agents are connected; their pod uids.
+    async fn wait_agents(&self, n: usize) -> Result<Vec<String>> {
         let book = self.controller.shared.book.clone();
-        let id = fsb_core::AgentId::from(agent.uid.as_str());
-        wait_until("the agent to register", DEADLINE, || {
-            let ok = book.get(&id).is_some_and(|a| a.connected);
-            async move { Ok(ok.then_some(())) }
+        wait_until(&format!("{n} agents registered"), DEADLINE, || {
+            let connected: Vec<String> = book
+                .all()
+                .into_iter()
+                .filter(|(_, a)| a.connected)
+                .map(|(id, _)| id.to_string())
+                .collect();
+            async move { Ok((connected.len() == n).then_some(connected)) }
         })
-        .await?;
-        self.agents.push(agent);
-        Ok(())
+        .await
+    }
+
+    /// Pod name of the agent with pod uid `uid`.
+    fn pod_of(&self, uid: &str) -> Option<String> {
+        self.kubelet
+            .running()
+            .into_iter()
+            .find(|p| p.uid == uid)
+            .map(|p| p.name)
     }
 
     fn sandboxes(&self) -> Api<Sandbox> {
@@ -136,11 +127,11 @@ impl Setup {
         .await
     }
 
-    /// Ids of the containers agent `i` has in containerd.
-    async fn containers(&self, i: usize) -> Result<Vec<String>> {
+    /// Ids of the containers agent `uid` has in containerd.
+    async fn containers(&self, uid: &str) -> Result<Vec<String>> {
         let runtime = container_runtime(&ContainerdEnv::from_env()).await?;
         Ok(runtime
-            .list(Some(&self.agents[i].uid))
+            .list(Some(uid))
             .await?
             .into_iter()
             .map(|c| c.id.to_string())
@@ -189,7 +180,7 @@ fn fast_create(name: &str, ns: &str, image: &str, mode: fp::ConsistencyMode) -> 
 async fn kubectl_and_fast_path_sandboxes_share_a_pool() -> Result<()> {
     let image = ContainerdEnv::from_env().image;
     let s = Setup::new("ctl-share", 8, 1).await?;
-    let agent_uid = s.agents[0].uid.clone();
+    let agent_uid = s.wait_agents(1).await?.remove(0);
 
     // kubectl: the controller places it.
     s.kubectl_create("kube-one", sleeper(&image)).await?;
@@ -202,7 +193,7 @@ async fn kubectl_and_fast_path_sandboxes_share_a_pool() -> Result<()> {
     assert_eq!(st.agent_uid.as_deref(), Some(agent_uid.as_str()));
     let kube_id = sandbox_id(&placed).expect("a sandbox id");
     assert!(
-        s.containers(0).await?.contains(&kube_id),
+        s.containers(&agent_uid).await?.contains(&kube_id),
         "its container runs"
     );
 
@@ -275,8 +266,9 @@ async fn kubectl_and_fast_path_sandboxes_share_a_pool() -> Result<()> {
         .delete("kube-one", &DeleteParams::default())
         .await?;
     s.wait_gone("kube-one").await?;
+
     assert!(
-        !s.containers(0).await?.contains(&kube_id),
+        !s.containers(&agent_uid).await?.contains(&kube_id),
         "container removed with it"
     );
     // Fast-path delete removes the object too.
@@ -295,6 +287,7 @@ async fn kubectl_and_fast_path_sandboxes_share_a_pool() -> Result<()> {
 async fn invalid_and_unplaceable_sandboxes_say_why_and_delete_cleanly() -> Result<()> {
     let image = ContainerdEnv::from_env().image;
     let s = Setup::new("ctl-why", 8, 1).await?;
+    let agent_uid = s.wait_agents(1).await?.remove(0);
 
     // No such pool: accepted, Pending, the condition says why.
     s.kubectl_create("no-pool", json!({"image": image, "poolRef": "nope"}))
@@ -341,7 +334,10 @@ async fn invalid_and_unplaceable_sandboxes_say_why_and_delete_cleanly() -> Resul
     for name in ["no-pool", "agent-port", "top-port"] {
         s.wait_gone(name).await?;
     }
-    assert!(s.containers(0).await?.is_empty(), "no container left");
+    assert!(
+        s.containers(&agent_uid).await?.is_empty(),
+        "no container left"
+    );
     s.controller.stop().await;
     Ok(())
 }
@@ -350,6 +346,7 @@ async fn invalid_and_unplaceable_sandboxes_say_why_and_delete_cleanly() -> Resul
 async fn capacity_waits_then_frees_and_kubectl_reset_and_expiry_work() -> Result<()> {
     let image = ContainerdEnv::from_env().image;
     let s = Setup::new("ctl-cap", 2, 1).await?;
+    let agent_uid = s.wait_agents(1).await?.remove(0);
     for n in ["a", "b", "c"] {
         s.kubectl_create(n, sleeper(&image)).await?;
     }
@@ -430,7 +427,7 @@ async fn capacity_waits_then_frees_and_kubectl_reset_and_expiry_work() -> Result
         st.sandbox_id.is_none() && st.assigned_pod.is_none() && st.agent_uid.is_none(),
         "{st:?}"
     );
-    assert!(!s.containers(0).await?.contains(&expired_id));
+    assert!(!s.containers(&agent_uid).await?.contains(&expired_id));
     s.controller.stop().await;
     Ok(())
 }
@@ -438,7 +435,8 @@ async fn capacity_waits_then_frees_and_kubectl_reset_and_expiry_work() -> Result
 #[actix_rt::test]
 async fn only_genuine_agent_pods_may_register() -> Result<()> {
     let s = Setup::new("ctl-ident", 4, 1).await?;
-    let real = &s.agents[0];
+    let real_uid = s.wait_agents(1).await?.remove(0);
+    let real_name = s.pod_of(&real_uid).expect("the agent's pod");
     let c = AgentControlClient::connect(s.controller.agent_url()).await?;
     let register = |pod_name: &str, pod_uid: &str, pool: &str| av::Register {
         agent_id: pod_uid.into(),
@@ -486,7 +484,7 @@ async fn only_genuine_agent_pods_may_register() -> Result<()> {
     );
     assert_eq!(
         attempt(register(
-            &real.name,
+            &real_name,
             "00000000-0000-0000-0000-000000000000",
             "p"
         ))
@@ -495,7 +493,7 @@ async fn only_genuine_agent_pods_may_register() -> Result<()> {
         "wrong pod uid"
     );
     assert_eq!(
-        attempt(register(&real.name, &real.uid, "other")).await,
+        attempt(register(&real_name, &real_uid, "other")).await,
         tonic::Code::PermissionDenied,
         "another pool"
     );
@@ -509,7 +507,7 @@ async fn only_genuine_agent_pods_may_register() -> Result<()> {
         s.controller
             .shared
             .book
-            .get(&fsb_core::AgentId::from(real.uid.as_str()))
+            .get(&fsb_core::AgentId::from(real_uid.as_str()))
             .is_some_and(|a| a.connected)
     );
     assert!(
@@ -526,7 +524,7 @@ async fn only_genuine_agent_pods_may_register() -> Result<()> {
 #[actix_rt::test]
 async fn lost_agent_manual_stays_lost_and_autorecreate_moves() -> Result<()> {
     let image = ContainerdEnv::from_env().image;
-    let mut s = Setup::new("ctl-lost", 4, 1).await?;
+    let s = Setup::new("ctl-lost", 4, 2).await?;
     s.kubectl_create("manual", sleeper(&image)).await?;
     let mut auto = sleeper(&image);
     auto["failurePolicy"] = json!("AutoRecreate");
@@ -537,28 +535,21 @@ async fn lost_agent_manual_stays_lost_and_autorecreate_moves() -> Result<()> {
             phase(o) == Some(SandboxPhase::Running)
         })
         .await?;
-    s.wait("manual", "manual Running", |o| {
-        phase(o) == Some(SandboxPhase::Running)
-    })
-    .await?;
-    s.add_agent("p-agent1").await?;
-    let (dead_uid, live_uid) = (s.agents[0].uid.clone(), s.agents[1].uid.clone());
-
-    // The node loses agent 0: process killed, pod deleted.
-    s.agents[0].kill().await;
-    s.agents[0].delete_pod(&s.client, &s.ns).await?;
-
-    let m = s
-        .wait("manual", "manual Lost", |o| {
-            phase(o) == Some(SandboxPhase::Lost)
+    let first_manual = s
+        .wait("manual", "manual Running", |o| {
+            phase(o) == Some(SandboxPhase::Running)
         })
         .await?;
-    assert!(m.status.as_ref().is_some_and(|st| st.agent_uid.is_none()));
+    let agent_of = |o: &Sandbox| o.status.as_ref().and_then(|st| st.agent_uid.clone());
+    // The node loses the agent holding "auto": its process dies, its pod goes Failed.
+    let dead_uid = agent_of(&first_auto).expect("auto has an agent");
+    let dead_pod = s.pod_of(&dead_uid).expect("its pod");
+    let manual_on_dead = agent_of(&first_manual) == Some(dead_uid.clone());
+    s.kubelet.kill(&dead_pod).await?;
+
     let a = s
-        .wait("auto", "auto Running on the other agent", |o| {
-            phase(o) == Some(SandboxPhase::Running)
-                && o.status.as_ref().and_then(|st| st.agent_uid.as_deref())
-                    == Some(live_uid.as_str())
+        .wait("auto", "auto Running on another agent", |o| {
+            phase(o) == Some(SandboxPhase::Running) && agent_of(o).is_some_and(|u| u != dead_uid)
         })
         .await?;
     assert_ne!(
@@ -566,22 +557,37 @@ async fn lost_agent_manual_stays_lost_and_autorecreate_moves() -> Result<()> {
         sandbox_id(&first_auto),
         "recreated under a new sandbox id"
     );
-    assert_ne!(live_uid, dead_uid);
-    // Manual stays Lost (several loop passes later).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        phase(&s.sandboxes().get("manual").await?),
-        Some(SandboxPhase::Lost)
-    );
-    // And a Lost sandbox deletes cleanly.
-    s.sandboxes()
-        .delete("manual", &DeleteParams::default())
-        .await?;
-    s.wait_gone("manual").await?;
+    if manual_on_dead {
+        let m = s
+            .wait("manual", "manual Lost", |o| {
+                phase(o) == Some(SandboxPhase::Lost)
+            })
+            .await?;
+        assert!(m.status.as_ref().is_some_and(|st| st.agent_uid.is_none()));
+        // Manual stays Lost (several loop passes later).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            phase(&s.sandboxes().get("manual").await?),
+            Some(SandboxPhase::Lost)
+        );
+    } else {
+        assert_eq!(
+            phase(&s.sandboxes().get("manual").await?),
+            Some(SandboxPhase::Running)
+        );
+    }
+    // The pool replaces the dead pod; Lost and Running sandboxes delete cleanly.
+    s.wait_agents(2).await?;
+    for n in ["manual", "auto"] {
+        s.sandboxes().delete(n, &DeleteParams::default()).await?;
+    }
+    for n in ["manual", "auto"] {
+        s.wait_gone(n).await?;
+    }
 
     // Leftover containers of the dead agent are the janitor's; remove them here.
     let runtime = container_runtime(&ContainerdEnv::from_env()).await?;
-    for c in runtime.list(Some(&dead_uid)).await? {
+    for c in runtime.list(Some(dead_uid.as_str())).await? {
         runtime.remove(&c.id, Duration::from_secs(1)).await?;
     }
     s.controller.stop().await;

@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use crate::{
     agents::{AgentBook, AgentControlService, AgentIdentity},
     identity::PodIdentity,
+    pool::{self, AgentLoad, AgentUsage, PoolConfig, PoolTrigger},
     sandboxes::{PendingDemand, SandboxLoop, SandboxLoopConfig, scoped},
     store::KubeStore,
     supervisor::{Backoff, Restarts, supervise},
@@ -52,6 +53,13 @@ pub struct ControllerConfig {
     pub heartbeat: Duration,
     /// Only this namespace's Sandboxes, pools and agents (None: the whole cluster).
     pub namespace: Option<String>,
+    /// Image of agent pods for pools without `agentTemplate`.
+    pub agent_image: String,
+    /// The AgentControl URL agent pods dial (in a cluster: the controller Service);
+    /// None: this process's own agent address (tests, single host).
+    pub agent_url: Option<String>,
+    /// Period of the pool reconciler's pass without events.
+    pub pool_resync: Duration,
     /// Gateway settings (record retries, sweep period); limits and namespace are set
     /// from the fields above.
     pub gateway: GatewayConfig,
@@ -70,6 +78,9 @@ impl Default for ControllerConfig {
             sandbox_interval: Duration::from_millis(500),
             heartbeat: Duration::from_secs(5),
             namespace: None,
+            agent_image: format!("fast-sandbox/fsb-agent:{}", env!("CARGO_PKG_VERSION")),
+            agent_url: None,
+            pool_resync: Duration::from_secs(2),
             gateway: GatewayConfig::default(),
         }
     }
@@ -144,6 +155,7 @@ pub async fn run(
     };
     let store = KubeStore::new(client.clone(), limits.clone(), config.namespace.clone());
     let registry = RegistryHandle::start();
+    let pod_names = store.clone();
     let gateway = Gateway::new(
         GatewayConfig {
             limits: limits.clone(),
@@ -215,6 +227,45 @@ pub async fn run(
         });
     }
 
+    let trigger = PoolTrigger::new();
+    {
+        let usage: Arc<dyn AgentUsage> = Arc::new(BookUsage {
+            book: book.clone(),
+            demand: demand.clone(),
+        });
+        let pool_config = PoolConfig {
+            agent_image: config.agent_image.clone(),
+            controller_url: config
+                .agent_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", addrs.agents)),
+            agent_port: config.agent_port,
+            namespace: config.namespace.clone(),
+            resync: config.pool_resync,
+        };
+        let (pool_client, pool_trigger) = (client.clone(), trigger.clone());
+        supervise("pools", &restarts, Backoff::default(), move || {
+            pool::run(
+                pool_client.clone(),
+                usage.clone(),
+                pool_config.clone(),
+                pool_trigger.clone(),
+            )
+        });
+        // Registrations and demand changes are what sizing reacts to; registrations
+        // also name the pods records show as assignedPod.
+        let (book, trigger) = (book.clone(), trigger.clone());
+        tokio::spawn(async move {
+            loop {
+                for (id, a) in book.all() {
+                    pod_names.set_pod_name(id, a.register.pod_name.clone());
+                }
+                trigger.poke();
+                book.changed().await;
+            }
+        });
+    }
+
     let (reporter, health, reflection) =
         standard_services().map_err(|e| ControllerError::Setup(e.to_string()))?;
     reporter
@@ -257,6 +308,39 @@ pub async fn run(
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), agent_server).await;
     Ok(())
+}
+
+/// Pool sizing's view of the agents: the Session book and the Sandbox loop's demand.
+#[derive(Debug)]
+struct BookUsage {
+    book: Arc<AgentBook>,
+    demand: Arc<PendingDemand>,
+}
+
+impl AgentUsage for BookUsage {
+    fn agents(&self, namespace: &str, pool: &str) -> Vec<AgentLoad> {
+        self.book
+            .all()
+            .into_iter()
+            .filter(|(_, a)| {
+                a.connected && a.register.namespace == namespace && a.register.pool == pool
+            })
+            .map(|(_, a)| AgentLoad {
+                pod_uid: a.register.pod_uid.clone(),
+                used: a.used,
+                capacity: a.register.capacity,
+                draining: a.draining,
+            })
+            .collect()
+    }
+
+    fn pending(&self, namespace: &str, pool: &str) -> u32 {
+        self.demand.get(namespace, pool)
+    }
+
+    fn drain(&self, pod_uid: &str) -> bool {
+        self.book.drain(&fsb_core::AgentId::from(pod_uid))
+    }
 }
 
 /// Wait until every running, ready agent pod has registered, at most `limit`.

@@ -76,6 +76,8 @@ pub struct KubeStore {
     scope: Option<String>,
     limits: Arc<SpecLimits>,
     events: broadcast::Sender<StoreEvent>,
+    /// Pod names of agents, for `status.assignedPod` (filled as agents register).
+    pods: Arc<dashmap::DashMap<AgentId, String>>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -95,9 +97,21 @@ impl KubeStore {
             scope,
             limits: Arc::new(limits),
             events,
+            pods: Arc::default(),
         };
         store.spawn_watch();
         store
+    }
+
+    /// Name agent `agent`'s pod in the records it holds from now on.
+    pub fn set_pod_name(&self, agent: AgentId, pod: String) {
+        self.pods.insert(agent, pod);
+    }
+
+    fn pod_name(&self, r: &StoredSandbox) -> Option<String> {
+        r.agent
+            .as_ref()
+            .and_then(|a| self.pods.get(a).map(|p| p.clone()))
     }
 
     fn api(&self, namespace: &str) -> Api<Sandbox> {
@@ -649,7 +663,15 @@ impl SandboxStore for KubeStore {
         let annotations_changed = annotations
             .iter()
             .any(|(k, v)| current_annotations.get(k) != Some(v));
-        if labels != current_labels || spec_changed || annotations_changed {
+        // A Sandbox made with kubectl gets the finalizer with its first write (placement
+        // writes Bound before the container exists), so deleting it waits for cleanup.
+        let mut finalizers = current.metadata.finalizers.clone().unwrap_or_default();
+        let add_finalizer = current.metadata.deletion_timestamp.is_none()
+            && !finalizers.iter().any(|f| f == SANDBOX_FINALIZER);
+        if add_finalizer {
+            finalizers.push(SANDBOX_FINALIZER.to_owned());
+        }
+        if labels != current_labels || spec_changed || annotations_changed || add_finalizer {
             // Removed labels are nulled in the merge patch.
             let mut label_patch: serde_json::Map<String, serde_json::Value> = current_labels
                 .keys()
@@ -665,6 +687,7 @@ impl SandboxStore for KubeStore {
                     "resourceVersion": version,
                     "labels": label_patch,
                     "annotations": current_annotations,
+                    "finalizers": finalizers,
                 },
                 "spec": {
                     "expireTime": spec.expire_time,
@@ -685,7 +708,11 @@ impl SandboxStore for KubeStore {
                 key_ns,
                 key_name,
                 &version,
-                status_patch(&record, current.status.as_ref(), None),
+                status_patch(
+                    &record,
+                    current.status.as_ref(),
+                    self.pod_name(&record).as_deref(),
+                ),
             )
             .await?;
         self.record(&stored)

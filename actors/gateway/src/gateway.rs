@@ -1061,6 +1061,9 @@ impl<S: SandboxStore> Gateway<S> {
             }
             self.remove_container(&agent, &rec.sandbox_id, grace)
                 .await?;
+            tracing::info!(namespace = %key.0, name = %key.1, sandbox = %rec.sandbox_id, "container removed; removing the record");
+        } else {
+            tracing::info!(namespace = %key.0, name = %key.1, "no agent holds it; removing the record");
         }
         store.delete(&key.0, &key.1, None).await?;
         Ok(())

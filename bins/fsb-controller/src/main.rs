@@ -35,6 +35,13 @@ struct Config {
     /// Only this namespace's Sandboxes, pools and agents (default: the whole cluster).
     #[arg(long, env = "FSB_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Image of agent pods for pools without an agentTemplate.
+    #[arg(long, env = "FSB_AGENT_IMAGE", default_value = concat!("fast-sandbox/fsb-agent:", env!("CARGO_PKG_VERSION")))]
+    agent_image: String,
+    /// The AgentControl URL agent pods dial (default: http://<this pod's address>:<agent-listen port>,
+    /// from FSB_POD_IP).
+    #[arg(long, env = "FSB_AGENT_URL")]
+    agent_url: Option<String>,
     /// Heartbeat period agents are told to use, milliseconds.
     #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     heartbeat_ms: u64,
@@ -97,6 +104,12 @@ fn main() -> ExitCode {
         agent_lost_after: Duration::from_secs(config.agent_lost_after_seconds),
         heartbeat: Duration::from_millis(config.heartbeat_ms),
         namespace: config.watch_namespace,
+        agent_image: config.agent_image,
+        agent_url: config.agent_url.or_else(|| {
+            std::env::var("FSB_POD_IP")
+                .ok()
+                .map(|ip| format!("http://{ip}:{}", config.agent_listen.port()))
+        }),
         ..ControllerConfig::default()
     };
     let system = actix_rt::System::with_tokio_rt(|| {
