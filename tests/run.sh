@@ -107,13 +107,15 @@ trap 'exit 143' TERM
 # them into the run directory, so another checkout building into the same target
 # directory cannot swap them mid-run.
 build_bins() {
-  cargo build -p fsb-agent-bin -p fsb-bin -p fsb-janitor-bin
+  cargo build -p fsb-agent-bin -p fsb-bin -p fsb-janitor-bin -p fsb-controller-bin
   mkdir -p "$FSB_TEST_RUN_DIR/bin"
   install -m 0755 "$CARGO_TARGET_DIR/debug/fsb-agent" "$CARGO_TARGET_DIR/debug/fsb" \
-    "$CARGO_TARGET_DIR/debug/fsb-janitor" "$FSB_TEST_RUN_DIR/bin/"
+    "$CARGO_TARGET_DIR/debug/fsb-janitor" "$CARGO_TARGET_DIR/debug/fsb-controller" \
+    "$FSB_TEST_RUN_DIR/bin/"
   export FSB_AGENT_BIN="$FSB_TEST_RUN_DIR/bin/fsb-agent"
   export FSB_BIN="$FSB_TEST_RUN_DIR/bin/fsb"
   export FSB_JANITOR_BIN="$FSB_TEST_RUN_DIR/bin/fsb-janitor"
+  export FSB_CONTROLLER_BIN="$FSB_TEST_RUN_DIR/bin/fsb-controller"
 }
 
 run_lint() {

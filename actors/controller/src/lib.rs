@@ -13,6 +13,7 @@
 pub mod agents;
 pub mod crd;
 pub mod identity;
+pub mod leader;
 pub mod pool;
 pub mod run;
 pub mod sandboxes;

@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use crate::{
     agents::{AgentBook, AgentControlService, AgentIdentity},
     identity::PodIdentity,
+    leader::{self, LeaseConfig},
     pool::{self, AgentLoad, AgentUsage, PoolConfig, PoolTrigger},
     sandboxes::{PendingDemand, SandboxLoop, SandboxLoopConfig, scoped},
     store::KubeStore,
@@ -60,6 +61,8 @@ pub struct ControllerConfig {
     pub agent_url: Option<String>,
     /// Period of the pool reconciler's pass without events.
     pub pool_resync: Duration,
+    /// Leader election (None: this replica leads alone, e.g. in tests).
+    pub lease: Option<LeaseConfig>,
     /// Gateway settings (record retries, sweep period); limits and namespace are set
     /// from the fields above.
     pub gateway: GatewayConfig,
@@ -81,6 +84,7 @@ impl Default for ControllerConfig {
             agent_image: format!("fast-sandbox/fsb-agent:{}", env!("CARGO_PKG_VERSION")),
             agent_url: None,
             pool_resync: Duration::from_secs(2),
+            lease: None,
             gateway: GatewayConfig::default(),
         }
     }
@@ -133,6 +137,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
     ready: impl FnOnce(Addresses, Shared) + Send,
 ) -> Result<(), ControllerError> {
+    // A standby replica neither listens nor reconciles until it leads.
+    let mut leadership = match config.lease.clone() {
+        Some(lease) => Some(leader::acquire(client.clone(), lease).await),
+        None => None,
+    };
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -295,7 +304,16 @@ pub async fn run(
         },
     );
 
-    shutdown.await;
+    let lost = async {
+        match leadership.as_mut() {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    let lost_lead = tokio::select! {
+        () = shutdown => false,
+        () = lost => true,
+    };
     tracing::info!("shutting down: no new creates");
     gateway.stop_serving();
     let _ = stop_tx.send(true);
@@ -307,6 +325,11 @@ pub async fn run(
         );
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), agent_server).await;
+    if lost_lead {
+        return Err(ControllerError::Setup(
+            "lost the leader lease; another replica takes over".into(),
+        ));
+    }
     Ok(())
 }
 

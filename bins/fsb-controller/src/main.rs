@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use fsb_controller::run::{ControllerConfig, run};
+use fsb_controller::{
+    leader::LeaseConfig,
+    run::{ControllerConfig, run},
+};
 use fsb_proto::fastpath::v1 as fp;
 
 /// Kubernetes controller: fast-path gateway, registry, agent sessions, Sandbox loop.
@@ -42,6 +45,19 @@ struct Config {
     /// from FSB_POD_IP).
     #[arg(long, env = "FSB_AGENT_URL")]
     agent_url: Option<String>,
+    /// Namespace of the leader Lease (default: FSB_POD_NAMESPACE, else the watched
+    /// namespace, else fast-sandbox-system).
+    #[arg(long, env = "FSB_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's identity in the Lease (default: FSB_POD_NAME, else the hostname).
+    #[arg(long, env = "FSB_IDENTITY")]
+    identity: Option<String>,
+    /// Seconds an unrenewed Lease stays valid.
+    #[arg(long, env = "FSB_LEASE_DURATION_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..))]
+    lease_duration_seconds: u64,
+    /// Run without leader election (one replica only).
+    #[arg(long, env = "FSB_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
     /// Heartbeat period agents are told to use, milliseconds.
     #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     heartbeat_ms: u64,
@@ -90,7 +106,27 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    let lease = (!config.no_leader_election).then(|| LeaseConfig {
+        namespace: config
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("FSB_POD_NAMESPACE").ok())
+            .or_else(|| config.watch_namespace.clone())
+            .unwrap_or_else(|| "fast-sandbox-system".into()),
+        name: "fsb-controller".into(),
+        identity: config
+            .identity
+            .clone()
+            .or_else(|| std::env::var("FSB_POD_NAME").ok())
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "fsb-controller".into())
+            }),
+        duration: Duration::from_secs(config.lease_duration_seconds),
+    });
     let controller = ControllerConfig {
+        lease,
         listen: config.listen,
         agent_listen: config.agent_listen,
         agent_port: config.agent_port,
