@@ -1195,25 +1195,7 @@ impl<S: SandboxStore> Gateway<S> {
             .delete(rec.sandbox_id.clone(), None)
             .await
             .map_err(GatewayError::Agent)?;
-        let created = client
-            .create(av::CreateSandboxRequest {
-                sandbox_id: rec.sandbox_id.to_string(),
-                namespace: rec.namespace.to_string(),
-                name: rec.name.to_string(),
-                claim_uid: rec.uid.clone(),
-                request_id: rec
-                    .request_id
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-                spec: Some(convert::spec(
-                    &rec.spec,
-                    rec.expire_time_ms,
-                    rec.reset_revision,
-                )),
-                runtime: fp::Runtime::Unspecified as i32,
-            })
-            .await;
+        let created = client.create(agent_create(&rec)).await;
         let revision = rec.reset_revision;
         let (phase, result) = match created {
             Ok(_) => (Phase::Running, Ok(())),
@@ -1363,25 +1345,7 @@ impl<S: SandboxStore> Gateway<S> {
             }
         };
         inner.starting.insert(rec.sandbox_id.clone(), None);
-        let answer = client
-            .create(av::CreateSandboxRequest {
-                sandbox_id: rec.sandbox_id.to_string(),
-                namespace: rec.namespace.to_string(),
-                name: rec.name.to_string(),
-                claim_uid: rec.uid.clone(),
-                request_id: rec
-                    .request_id
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-                spec: Some(convert::spec(
-                    &rec.spec,
-                    rec.expire_time_ms,
-                    rec.reset_revision,
-                )),
-                runtime: fp::Runtime::Unspecified as i32,
-            })
-            .await;
+        let answer = client.create(agent_create(&rec)).await;
         if let Err(e) = answer {
             inner.starting.remove(&rec.sandbox_id);
             if let Err(d) = client.delete(rec.sandbox_id.clone(), Some(0)).await {
@@ -1721,6 +1685,27 @@ impl<S: SandboxStore> Gateway<S> {
             }
         }
         Ok((report, kept))
+    }
+}
+
+/// The agent's create request for a recorded sandbox (placement and reset).
+fn agent_create(rec: &StoredSandbox) -> av::CreateSandboxRequest {
+    av::CreateSandboxRequest {
+        sandbox_id: rec.sandbox_id.to_string(),
+        namespace: rec.namespace.to_string(),
+        name: rec.name.to_string(),
+        claim_uid: rec.uid.clone(),
+        request_id: rec
+            .request_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        spec: Some(convert::spec(
+            &rec.spec,
+            rec.expire_time_ms,
+            rec.reset_revision,
+        )),
+        runtime: fp::Runtime::Unspecified as i32,
     }
 }
 
