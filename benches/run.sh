@@ -6,6 +6,10 @@
 #                 a private containerd with the offline busybox image, set up and
 #                 torn down by tests/scripts/with-containerd.sh, as for the tests)
 #   registry      registry allocate + release (no containerd)
+#   k8s_modes     `fsb bench --mode fast,strong --compare-raw` against a real
+#                 fsb-controller (release build) on a real kube-apiserver + etcd, one
+#                 fsb-agent pod run by the kubelet fixture, the private containerd; ARGS
+#                 replace the default `fsb bench` arguments
 #
 # ARGS go to the bench binary (`cargo bench ... -- ARGS`), e.g.
 #   benches/run.sh agent_create --count 50 --runtimes runc,crun,gvisor --json
@@ -36,8 +40,22 @@ case "$bench" in
   registry)
     exec cargo bench -p fsb-benches --bench "$bench" -- "$@"
     ;;
+  k8s_modes)
+    echo "==> building release binaries and the $bench bench" >&2
+    cargo build --release -p fsb-agent-bin -p fsb-bin -p fsb-controller-bin
+    cargo bench -p fsb-benches --bench "$bench" --no-run
+    export FSB_AGENT_BIN="$CARGO_TARGET_DIR/release/fsb-agent"
+    export FSB_BIN="$CARGO_TARGET_DIR/release/fsb"
+    export FSB_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/fsb-controller"
+    "$REPO_ROOT/tests/scripts/k8s.sh" build
+    trap '"$REPO_ROOT/tests/scripts/k8s.sh" stop' EXIT
+    "$REPO_ROOT/tests/scripts/k8s.sh" start
+    eval "$("$REPO_ROOT/tests/scripts/k8s.sh" env)"
+    "$REPO_ROOT/tests/scripts/with-containerd.sh" \
+      cargo bench -p fsb-benches --bench "$bench" -- "$@"
+    ;;
   *)
-    echo "usage: $0 [agent_create|registry] [bench args...]" >&2
+    echo "usage: $0 [agent_create|registry|k8s_modes] [bench args...]" >&2
     exit 64
     ;;
 esac

@@ -379,3 +379,91 @@ impl AgentPod {
         }
     }
 }
+
+/// The `fsb-controller` binary (`FSB_CONTROLLER_BIN`) as a child process of namespace
+/// `ns` on fixed loopback ports (agents dial the same address across restarts), with
+/// leader election on (Lease in `ns`). Its log (warnings and errors) goes to the
+/// test's output. Killed on drop.
+#[derive(Debug)]
+pub struct ControllerProcess {
+    child: tokio::process::Child,
+}
+
+impl ControllerProcess {
+    /// Start one; `identity` is its Lease holder name, `extra` more flags.
+    pub fn spawn(ns: &str, fast: u16, agents: u16, identity: &str, extra: &[&str]) -> Result<Self> {
+        let bin = std::env::var("FSB_CONTROLLER_BIN")
+            .context("FSB_CONTROLLER_BIN is set by tests/run.sh")?;
+        let kubeconfig =
+            std::env::var("FSB_KUBECONFIG").context("FSB_KUBECONFIG is set by tests/run.sh k8s")?;
+        let child = tokio::process::Command::new(bin)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "warn")
+            .args(["--watch-namespace", ns])
+            .args(["--listen", &format!("127.0.0.1:{fast}")])
+            .args(["--agent-listen", &format!("127.0.0.1:{agents}")])
+            .args(["--agent-url", &format!("http://127.0.0.1:{agents}")])
+            .args(["--identity", identity, "--lease-namespace", ns])
+            .args(extra)
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self { child })
+    }
+
+    /// `kill -9` and reap.
+    pub async fn kill9(mut self) -> Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// Its exit status if it has exited.
+    pub fn try_exit(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+}
+
+/// A STRONG create of a `sleep 3600` sandbox in pool `pool` through the fast path at
+/// `url` (request id `<ns>-<name>`, so a retry replays): its sandbox id, or `None`
+/// while nothing serves there yet (no listener, or `Unavailable`) — a probe for
+/// [`crate::wait::wait_until`].
+pub async fn strong_sleeper(
+    url: &str,
+    ns: &str,
+    name: &str,
+    pool: &str,
+    image: &str,
+) -> Result<Option<String>> {
+    use fsb_proto::fastpath::v1::{self as fp, fast_path_client::FastPathClient};
+    let Ok(mut c) = FastPathClient::connect(url.to_owned()).await else {
+        return Ok(None);
+    };
+    let created = c
+        .create(fp::CreateRequest {
+            request_id: format!("{ns}-{name}"),
+            namespace: ns.into(),
+            name: name.into(),
+            mode: fp::ConsistencyMode::Strong as i32,
+            spec: Some(fp::SandboxSpec {
+                image: image.into(),
+                pool_ref: pool.into(),
+                command: vec!["sleep".into(), "3600".into()],
+                ..fp::SandboxSpec::default()
+            }),
+            ..fp::CreateRequest::default()
+        })
+        .await;
+    match created {
+        Ok(resp) => Ok(Some(
+            resp.into_inner()
+                .sandbox
+                .and_then(|s| s.status)
+                .map(|s| s.sandbox_id)
+                .unwrap_or_default(),
+        )),
+        Err(s) if s.code() == tonic::Code::Unavailable => Ok(None),
+        Err(s) => bail!("create {ns}/{name}: {s}"),
+    }
+}

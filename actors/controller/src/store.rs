@@ -62,6 +62,9 @@ pub const LABEL_REQUEST_ID_HASH: &str = "fast-sandbox.io/request-id-hash";
 pub const ANNOTATION_REQUEST_ID: &str = "sandbox.fast.io/request-id";
 /// Annotation holding the spec digest (hex) a replay compares.
 pub const ANNOTATION_SPEC_DIGEST: &str = "sandbox.fast.io/spec-digest";
+/// Annotation holding the status a fast-path create meant to write right after the
+/// object (read when the status write never happened).
+pub const ANNOTATION_INITIAL_STATUS: &str = "sandbox.fast.io/initial-status";
 /// Annotation holding the creation time in Unix milliseconds.
 pub const ANNOTATION_CREATED_MS: &str = "sandbox.fast.io/created-ms";
 
@@ -226,8 +229,22 @@ pub fn to_record(obj: &Sandbox, limits: &SpecLimits) -> Result<StoredSandbox, St
         .get(LABEL_CLAIM_UID)
         .cloned()
         .unwrap_or_else(|| object_uid.clone());
-    let status = obj.status.clone().unwrap_or_default();
-    let sandbox_id = match status.sandbox_id.as_deref().filter(|s| !s.is_empty()) {
+    // Creating an object and writing its status are two requests: a controller killed
+    // between them leaves an object without status. Its intended status was written
+    // with the object (annotation), so it reads as meant, not as a kubectl Pending.
+    let status = match &obj.status {
+        Some(s) if s.phase.is_some() => s.clone(),
+        _ => annotations
+            .get(ANNOTATION_INITIAL_STATUS)
+            .and_then(|j| serde_json::from_str::<SandboxStatus>(j).ok())
+            .unwrap_or_default(),
+    };
+    let sandbox_id = match status
+        .sandbox_id
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .or_else(|| labels.get(LABEL_ID).map(String::as_str))
+    {
         Some(id) => SandboxId::parse("status.sandboxID", id)
             .map_err(|e| corrupt("sandbox_id", e.to_string()))?,
         None => derived_id(&uid).ok_or_else(|| corrupt("uid", format!("{uid:?} is not a UUID")))?,
@@ -526,7 +543,11 @@ impl SandboxStore for KubeStore {
         }
         let (key_ns, key_name) = (&record.namespace, &record.name);
         let (ns, name) = (key_ns.as_str(), key_name.as_str());
-        let (labels, annotations) = metadata_maps(&record);
+        let (labels, mut annotations) = metadata_maps(&record);
+        annotations.insert(
+            ANNOTATION_INITIAL_STATUS.to_owned(),
+            status_patch(&record, None, self.pod_name(&record).as_deref()).to_string(),
+        );
         let obj = Sandbox {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),

@@ -1055,10 +1055,12 @@ impl<S: SandboxStore> Gateway<S> {
             .await?
             .ok_or_else(|| not_found(&key.0, &key.1))?;
         if let Some(agent) = rec.agent.clone() {
-            if rec.phase != Phase::Terminating {
-                rec.phase = Phase::Terminating;
-                rec = store.update(rec).await?;
-            }
+            // Written even when the record already reads Terminating: a store may read
+            // a delete asked for elsewhere as Terminating before its status says so
+            // (Kubernetes: kubectl's deletionTimestamp), and the durable phase must say
+            // Terminating while the process gets its grace period.
+            rec.phase = Phase::Terminating;
+            rec = store.update(rec).await?;
             self.remove_container(&agent, &rec.sandbox_id, grace)
                 .await?;
             tracing::info!(namespace = %key.0, name = %key.1, sandbox = %rec.sandbox_id, "container removed; removing the record");
@@ -1478,7 +1480,9 @@ impl<S: SandboxStore> Gateway<S> {
             match result {
                 Ok(Some(())) => acted += 1,
                 // Gone since the listing (a client's delete finished first): nothing to do.
-                Ok(None) | Err(GatewayError::NotFound(_)) => {}
+                Ok(None)
+                | Err(GatewayError::NotFound(_))
+                | Err(GatewayError::Store(StoreError::NotFound { .. })) => {}
                 Err(e) => tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "sweep"),
             }
         }
@@ -1544,9 +1548,14 @@ impl<S: SandboxStore> Gateway<S> {
                         continue;
                     }
                 }
-                tracing::warn!(%agent, sandbox = %id, "removing a container no record accounts for");
+                // A listing may be older than a delete that finished since (a remote
+                // agent's last inventory): only a container that was still there counts.
                 match client.delete(id.clone(), Some(0)).await {
-                    Ok(_) => removed += 1,
+                    Ok(true) => {
+                        tracing::warn!(%agent, sandbox = %id, "removed a container no record accounts for");
+                        removed += 1;
+                    }
+                    Ok(false) => {}
                     Err(e) if e.code() == tonic::Code::NotFound => {}
                     Err(e) => tracing::warn!(sandbox = %id, error = %e, "orphan scan: delete"),
                 }

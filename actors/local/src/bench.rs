@@ -11,9 +11,12 @@
 //!   The spec is built before the timed span, as the agent builds it before its
 //!   containerd calls. Removal is untimed.
 //!
-//! Batches of `concurrency` creates alternate between the paths (fsb then raw, then
+//! - several modes (`--mode fast,strong`): one fsb path per consistency mode, each
+//!   measured in the same run (STRONG writes the record before answering, FAST after).
+//!
+//! Batches of `concurrency` creates rotate between the paths (fsb then raw, then
 //! raw then fsb, ...), so drift and containerd's background work (garbage collection
-//! after removals) hit both alike. Compare the ratio, never absolute numbers from
+//! after removals) hit all alike. Compare the ratio, never absolute numbers from
 //! different runs.
 
 use std::{
@@ -150,8 +153,9 @@ pub struct BenchConfig {
     pub namespace: String,
     /// Runtime of both paths; `None` is the server's default for fsb and runc for raw.
     pub runtime: Option<Runtime>,
-    /// Consistency mode of the fsb creates; `None` is the server's default.
-    pub mode: Option<DefaultMode>,
+    /// Consistency modes of the fsb creates, one measured path each; empty is one
+    /// path in the server's default mode.
+    pub modes: Vec<DefaultMode>,
     /// Also measure raw containerd creates.
     pub raw: Option<RawTarget>,
 }
@@ -205,19 +209,42 @@ pub struct BenchReport {
     pub count: usize,
     /// Creates in flight at once.
     pub concurrency: usize,
-    /// Through the gateway.
+    /// Through the gateway, in the first mode asked for.
     pub fsb: Summary,
     /// Raw containerd, when compared.
     pub raw: Option<Summary>,
     /// fsb p50 / raw p50, when compared.
     pub ratio_p50: Option<f64>,
-    /// p50 of each stage of the fsb path (from the create timelines), in order; shown
+    /// Every fsb path, one per mode, in the order asked for.
+    pub modes: Vec<ModeReport>,
+    /// p50 of each stage of the fsb paths (from the create timelines), in order; shown
     /// in the table, not in the JSON (whose shape is fixed).
     #[serde(skip)]
-    pub fsb_stages: Vec<(String, f64)>,
+    pub fsb_stages: Vec<Vec<(String, f64)>>,
     /// p50 of each raw stage (lease, snapshot, container, task, start).
     #[serde(skip)]
     pub raw_stages: Vec<(String, f64)>,
+}
+
+/// One fsb path of the report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModeReport {
+    /// `fast`, `strong`, or `default` (the server's).
+    pub mode: String,
+    /// Its latencies.
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// Its p50 / raw p50, when compared.
+    pub ratio_p50: Option<f64>,
+}
+
+/// How a mode is named in the report.
+fn mode_name(mode: Option<DefaultMode>) -> &'static str {
+    match mode {
+        None => "default",
+        Some(DefaultMode::Fast) => "fast",
+        Some(DefaultMode::Strong) => "strong",
+    }
 }
 
 /// Per-stage durations of one create, in order.
@@ -249,27 +276,42 @@ fn stage_p50s(samples: &[Stages]) -> Vec<(String, f64)> {
 }
 
 impl BenchReport {
-    /// The report of two sample sets (`raw` empty when not compared).
+    /// The report of the fsb paths' samples (one set per mode, at least one) and the
+    /// raw path's when compared.
     pub fn from_samples(
         concurrency: usize,
-        fsb: &[Duration],
+        fsb: &[(Option<DefaultMode>, Vec<Duration>)],
         raw: Option<&[Duration]>,
     ) -> Option<Self> {
-        let fsb_summary = Summary::of(fsb)?;
         let raw = match raw {
             Some(samples) => Some(Summary::of(samples)?),
             None => None,
         };
+        let ratio = |s: &Summary| {
+            raw.filter(|r| r.p50_ms > 0.0)
+                .map(|r| round3(s.p50_ms / r.p50_ms))
+        };
+        let modes = fsb
+            .iter()
+            .map(|(mode, samples)| {
+                let summary = Summary::of(samples)?;
+                Some(ModeReport {
+                    mode: mode_name(*mode).to_owned(),
+                    ratio_p50: ratio(&summary),
+                    summary,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let first = modes.first()?;
         Some(Self {
             fsb_stages: Vec::new(),
             raw_stages: Vec::new(),
-            count: fsb.len(),
+            count: fsb.first()?.1.len(),
             concurrency,
-            fsb: fsb_summary,
-            ratio_p50: raw
-                .filter(|r| r.p50_ms > 0.0)
-                .map(|r| round3(fsb_summary.p50_ms / r.p50_ms)),
+            fsb: first.summary,
+            ratio_p50: first.ratio_p50,
             raw,
+            modes,
         })
     }
 
@@ -282,32 +324,63 @@ impl BenchReport {
     /// The human report.
     pub fn to_table(&self) -> String {
         let mut out = format!(
-            "{:<5} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10}\n",
+            "{:<10} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10}\n",
             "path", "count", "concurrency", "p50 ms", "p90 ms", "p99 ms", "max ms"
         );
+        let several = self.modes.len() > 1;
+        let label = |m: &ModeReport| {
+            if several {
+                format!("fsb {}", m.mode)
+            } else {
+                "fsb".to_owned()
+            }
+        };
         let mut row = |name: &str, s: &Summary| {
             out.push_str(&format!(
-                "{name:<5} {:>6} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2}\n",
+                "{name:<10} {:>6} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2}\n",
                 self.count, self.concurrency, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
             ));
         };
-        row("fsb", &self.fsb);
+        for m in &self.modes {
+            row(&label(m), &m.summary);
+        }
         if let Some(raw) = &self.raw {
             row("raw", raw);
         }
-        if let Some(ratio) = self.ratio_p50 {
-            out.push_str(&format!("ratio_p50 (fsb / raw, same run): {ratio:.3}\n"));
-        }
-        for (path, stages) in [("fsb", &self.fsb_stages), ("raw", &self.raw_stages)] {
-            if !stages.is_empty() {
-                let parts: Vec<String> = stages
-                    .iter()
-                    .map(|(n, ms)| format!("{n} {ms:.2}"))
-                    .collect();
-                out.push_str(&format!("{path} stage p50 ms: {}\n", parts.join(", ")));
+        for m in &self.modes {
+            if let Some(ratio) = m.ratio_p50 {
+                out.push_str(&format!(
+                    "ratio_p50 ({} / raw, same run): {ratio:.3}\n",
+                    label(m)
+                ));
             }
         }
+        if let [first, rest @ ..] = self.modes.as_slice() {
+            for m in rest.iter().filter(|_| first.summary.p50_ms > 0.0) {
+                out.push_str(&format!(
+                    "ratio_p50 ({} / {}, same run): {:.3}\n",
+                    label(m),
+                    label(first),
+                    m.summary.p50_ms / first.summary.p50_ms
+                ));
+            }
+        }
+        for (m, stages) in self.modes.iter().zip(&self.fsb_stages) {
+            stage_line(&mut out, &label(m), stages);
+        }
+        stage_line(&mut out, "raw", &self.raw_stages);
         out
+    }
+}
+
+/// `PATH stage p50 ms: a 1.00, b 2.00` (nothing when there are no stages).
+fn stage_line(out: &mut String, path: &str, stages: &[(String, f64)]) {
+    if !stages.is_empty() {
+        let parts: Vec<String> = stages
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms:.2}"))
+            .collect();
+        out.push_str(&format!("{path} stage p50 ms: {}\n", parts.join(", ")));
     }
 }
 
@@ -597,18 +670,21 @@ where
 /// Which path a batch measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lane {
-    Fsb,
+    /// The fsb path of the `i`th mode.
+    Fsb(usize),
     Raw,
 }
 
-/// The batch order of round `round`: alternating which path goes first (ABBA), so
-/// neither always follows the other's removals.
-fn round_order(round: usize, compare_raw: bool) -> &'static [Lane] {
-    match (compare_raw, round % 2) {
-        (false, _) => &[Lane::Fsb],
-        (true, 0) => &[Lane::Fsb, Lane::Raw],
-        (true, _) => &[Lane::Raw, Lane::Fsb],
+/// The batch order of round `round`: the paths rotated by one each round, so each
+/// goes first equally often and none always follows another's removals.
+fn round_order(round: usize, fsb_paths: usize, compare_raw: bool) -> Vec<Lane> {
+    let mut lanes: Vec<Lane> = (0..fsb_paths).map(Lane::Fsb).collect();
+    if compare_raw {
+        lanes.push(Lane::Raw);
     }
+    let len = lanes.len().max(1);
+    lanes.rotate_left(round % len);
+    lanes
 }
 
 /// Measure. `channel` is a connection to the gateway; `token` goes in every
@@ -633,7 +709,12 @@ pub async fn run(
                 .map_err(|_| BenchError::Config("the token is not a valid header".to_owned()))
         })
         .transpose()?;
-    let fsb = FsbPath {
+    let modes: Vec<Option<DefaultMode>> = if config.modes.is_empty() {
+        vec![None]
+    } else {
+        config.modes.iter().copied().map(Some).collect()
+    };
+    let template = FsbPath {
         client: fp::fast_path_client::FastPathClient::new(channel),
         auth,
         create: fp::CreateRequest {
@@ -651,14 +732,22 @@ pub async fn run(
                 ..Default::default()
             }),
             labels: [(LABEL_BENCH.to_owned(), "fsb".to_owned())].into(),
-            mode: match config.mode {
-                None => fp::ConsistencyMode::Unspecified,
-                Some(DefaultMode::Fast) => fp::ConsistencyMode::Fast,
-                Some(DefaultMode::Strong) => fp::ConsistencyMode::Strong,
-            } as i32,
+            mode: fp::ConsistencyMode::Unspecified as i32,
             ttl: None,
         },
     };
+    let paths: Vec<FsbPath> = modes
+        .iter()
+        .map(|mode| {
+            let mut path = template.clone();
+            path.create.mode = match mode {
+                None => fp::ConsistencyMode::Unspecified,
+                Some(DefaultMode::Fast) => fp::ConsistencyMode::Fast,
+                Some(DefaultMode::Strong) => fp::ConsistencyMode::Strong,
+            } as i32;
+            path
+        })
+        .collect();
     let raw = match &config.raw {
         Some(target) => Some(
             RawPath::connect(
@@ -671,7 +760,8 @@ pub async fn run(
         None => None,
     };
     let total = config.warmup + config.count;
-    let (mut fsb_samples, mut raw_samples) = (Vec::new(), Vec::new());
+    let mut fsb_samples: Vec<Vec<(Duration, Stages)>> = vec![Vec::new(); paths.len()];
+    let mut raw_samples = Vec::new();
     let (mut done, mut round) = (0, 0);
     while done < total {
         if stop.load(Ordering::SeqCst) {
@@ -680,11 +770,12 @@ pub async fn run(
         let n = config.concurrency.min(total - done);
         // Samples of this batch with index < warmup are discarded.
         let skip = config.warmup.saturating_sub(done).min(n);
-        for path in round_order(round, raw.is_some()) {
-            match (path, &raw) {
-                (Lane::Fsb, _) => {
+        for lane in round_order(round, paths.len(), raw.is_some()) {
+            match (lane, &raw) {
+                (Lane::Fsb(i), _) => {
+                    let fsb = &paths[i];
                     let t = batch(n, || fsb.create(), |name| fsb.delete(name)).await?;
-                    fsb_samples.extend(t.into_iter().skip(skip));
+                    fsb_samples[i].extend(t.into_iter().skip(skip));
                 }
                 (Lane::Raw, Some(raw)) => {
                     let t = batch(n, || raw.create(), |id| raw.remove(id)).await?;
@@ -697,7 +788,13 @@ pub async fn run(
         done += n;
         round += 1;
     }
-    let (fsb_times, fsb_stages): (Vec<Duration>, Vec<Stages>) = fsb_samples.into_iter().unzip();
+    let mut fsb_times = Vec::with_capacity(paths.len());
+    let mut fsb_stages = Vec::with_capacity(paths.len());
+    for (mode, samples) in modes.iter().zip(fsb_samples) {
+        let (times, stages): (Vec<Duration>, Vec<Stages>) = samples.into_iter().unzip();
+        fsb_times.push((*mode, times));
+        fsb_stages.push(stage_p50s(&stages));
+    }
     let (raw_times, raw_stages): (Vec<Duration>, Vec<Stages>) = raw_samples.into_iter().unzip();
     let mut report = BenchReport::from_samples(
         config.concurrency,
@@ -705,7 +802,7 @@ pub async fn run(
         raw.as_ref().map(|_| raw_times.as_slice()),
     )
     .ok_or_else(|| BenchError::Config("no samples".to_owned()))?;
-    report.fsb_stages = stage_p50s(&fsb_stages);
+    report.fsb_stages = fsb_stages;
     report.raw_stages = stage_p50s(&raw_stages);
     Ok(report)
 }
@@ -751,12 +848,17 @@ mod tests {
 
     #[test]
     fn json_has_exactly_the_documented_shape() {
-        let r = BenchReport::from_samples(2, &ms(&[10, 20]), Some(&ms(&[5, 10]))).unwrap();
+        let r = BenchReport::from_samples(
+            2,
+            &[(Some(DefaultMode::Fast), ms(&[10, 20]))],
+            Some(&ms(&[5, 10])),
+        )
+        .unwrap();
         assert_eq!(
             r.to_json(),
-            r#"{"count":2,"concurrency":2,"fsb":{"p50_ms":10.0,"p90_ms":20.0,"p99_ms":20.0,"max_ms":20.0},"raw":{"p50_ms":5.0,"p90_ms":10.0,"p99_ms":10.0,"max_ms":10.0},"ratio_p50":2.0}"#
+            r#"{"count":2,"concurrency":2,"fsb":{"p50_ms":10.0,"p90_ms":20.0,"p99_ms":20.0,"max_ms":20.0},"raw":{"p50_ms":5.0,"p90_ms":10.0,"p99_ms":10.0,"max_ms":10.0},"ratio_p50":2.0,"modes":[{"mode":"fast","p50_ms":10.0,"p90_ms":20.0,"p99_ms":20.0,"max_ms":20.0,"ratio_p50":2.0}]}"#
         );
-        let alone = BenchReport::from_samples(1, &ms(&[10]), None).unwrap();
+        let alone = BenchReport::from_samples(1, &[(None, ms(&[10]))], None).unwrap();
         let v: serde_json::Value = serde_json::from_str(&alone.to_json()).unwrap();
         assert!(v["raw"].is_null());
         assert!(v["ratio_p50"].is_null());
@@ -765,7 +867,8 @@ mod tests {
 
     #[test]
     fn table_shows_both_paths_and_the_ratio() {
-        let r = BenchReport::from_samples(1, &ms(&[12, 14]), Some(&ms(&[10, 10]))).unwrap();
+        let r =
+            BenchReport::from_samples(1, &[(None, ms(&[12, 14]))], Some(&ms(&[10, 10]))).unwrap();
         let t = r.to_table();
         assert!(
             t.lines()
@@ -778,17 +881,49 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("ratio_p50 (fsb / raw, same run): 1.200"), "{t}");
-        let alone = BenchReport::from_samples(1, &ms(&[12]), None)
+        let alone = BenchReport::from_samples(1, &[(None, ms(&[12]))], None)
             .unwrap()
             .to_table();
         assert!(!alone.contains("raw"), "{alone}");
     }
 
     #[test]
+    fn several_modes_are_one_path_each_with_their_ratios() {
+        let r = BenchReport::from_samples(
+            1,
+            &[
+                (Some(DefaultMode::Fast), ms(&[10, 10])),
+                (Some(DefaultMode::Strong), ms(&[15, 15])),
+            ],
+            Some(&ms(&[5, 5])),
+        )
+        .unwrap();
+        assert_eq!(r.fsb.p50_ms, 10.0, "fsb is the first mode");
+        assert_eq!(r.ratio_p50, Some(2.0));
+        assert_eq!(r.modes[1].mode, "strong");
+        assert_eq!(r.modes[1].ratio_p50, Some(3.0));
+        let t = r.to_table();
+        assert!(t.contains("fsb fast"), "{t}");
+        assert!(t.contains("fsb strong"), "{t}");
+        assert!(
+            t.contains("ratio_p50 (fsb strong / raw, same run): 3.000"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ratio_p50 (fsb strong / fsb fast, same run): 1.500"),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn rounds_alternate_which_path_goes_first() {
-        assert_eq!(round_order(0, true), &[Lane::Fsb, Lane::Raw]);
-        assert_eq!(round_order(1, true), &[Lane::Raw, Lane::Fsb]);
-        assert_eq!(round_order(1, false), &[Lane::Fsb]);
+        assert_eq!(round_order(0, 1, true), [Lane::Fsb(0), Lane::Raw]);
+        assert_eq!(round_order(1, 1, true), [Lane::Raw, Lane::Fsb(0)]);
+        assert_eq!(round_order(1, 1, false), [Lane::Fsb(0)]);
+        assert_eq!(
+            round_order(2, 2, true),
+            [Lane::Raw, Lane::Fsb(0), Lane::Fsb(1)]
+        );
     }
 
     #[test]
@@ -818,7 +953,7 @@ mod tests {
             pool: "default".into(),
             namespace: "default".into(),
             runtime: None,
-            mode: None,
+            modes: Vec::new(),
             raw: None,
         };
         let err = run(&config, channel, None, &AtomicBool::new(true))

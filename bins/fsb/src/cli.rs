@@ -410,9 +410,10 @@ pub(crate) struct BenchArgs {
     /// Runtime of both paths.
     #[arg(long, env = "FSB_RUNTIME", value_enum)]
     pub(crate) runtime: Option<RuntimeArg>,
-    /// Consistency mode of the fsb creates.
-    #[arg(long, env = "FSB_MODE", value_enum)]
-    pub(crate) mode: Option<ModeArg>,
+    /// Consistency modes of the fsb creates, one measured path each, in the same run
+    /// (`--mode fast,strong` compares them).
+    #[arg(long, env = "FSB_MODE", value_enum, value_delimiter = ',')]
+    pub(crate) mode: Vec<ModeArg>,
     /// Also measure raw containerd creates in the same run.
     #[arg(long)]
     pub(crate) compare_raw: bool,

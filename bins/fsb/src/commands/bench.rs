@@ -36,10 +36,17 @@ pub(crate) fn bench_config(args: &BenchArgs, settings: &Settings) -> Result<Benc
             RuntimeArg::Crun => Runtime::Crun,
             RuntimeArg::Gvisor => Runtime::Gvisor,
         }),
-        mode: settings.mode(args.mode).map(|m| match m {
+        modes: if args.mode.is_empty() {
+            settings.mode(None).into_iter().collect()
+        } else {
+            args.mode.clone()
+        }
+        .into_iter()
+        .map(|m| match m {
             ModeArg::Fast => DefaultMode::Fast,
             ModeArg::Strong => DefaultMode::Strong,
-        }),
+        })
+        .collect(),
         raw: args.compare_raw.then(|| RawTarget {
             runtime_root: args.runtime_root.clone(),
             runsc_binary: args.runsc.clone(),
@@ -110,7 +117,7 @@ mod tests {
             "--runtime",
             "crun",
             "--mode",
-            "strong",
+            "strong,fast",
         ])
         .unwrap();
         let settings = Settings::resolve(&cli.global, &ProcessEnv::default()).unwrap();
@@ -121,7 +128,7 @@ mod tests {
         assert_eq!((c.count, c.concurrency, c.warmup), (7, 2, 0));
         assert_eq!(c.image, crate::config::DEFAULT_IMAGE);
         assert_eq!(c.runtime, Some(Runtime::Crun));
-        assert_eq!(c.mode, Some(DefaultMode::Strong));
+        assert_eq!(c.modes, [DefaultMode::Strong, DefaultMode::Fast]);
         let raw = c.raw.unwrap();
         assert_eq!(
             raw.socket,
