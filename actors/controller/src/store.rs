@@ -815,3 +815,58 @@ impl SandboxStore for KubeStore {
 pub fn pool_of(obj: &Sandbox) -> Option<PoolName> {
     PoolName::parse("spec.poolRef", &obj.spec.pool_ref).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An object as a fast-path create writes it, before its status write.
+    fn created_object(status: Option<serde_json::Value>) -> Sandbox {
+        let mut obj: Sandbox = serde_json::from_value(json!({
+            "apiVersion": "sandbox.fast.io/v1alpha1",
+            "kind": "Sandbox",
+            "metadata": {
+                "name": "s1",
+                "namespace": "ns",
+                "uid": "0b6f1c5e-0000-4000-8000-000000000001",
+                "labels": {
+                    LABEL_ID: "8da65084d2c64d90a576dc165b5e62c7",
+                    LABEL_CLAIM_UID: "claim-1",
+                },
+                "annotations": {
+                    ANNOTATION_INITIAL_STATUS: json!({
+                        "phase": "Running",
+                        "sandboxID": "8da65084d2c64d90a576dc165b5e62c7",
+                        "agentUID": "agent-1",
+                    }).to_string(),
+                },
+            },
+            "spec": {"image": "busybox", "poolRef": "p"},
+        }))
+        .unwrap();
+        obj.status = status.map(|s| serde_json::from_value(s).unwrap());
+        obj
+    }
+
+    #[test]
+    fn an_object_whose_status_write_never_happened_reads_as_it_was_created() {
+        let rec = to_record(&created_object(None), &SpecLimits::default()).unwrap();
+        assert_eq!(
+            rec.phase,
+            Phase::Running,
+            "not a kubectl-made Pending object"
+        );
+        assert_eq!(rec.sandbox_id.as_str(), "8da65084d2c64d90a576dc165b5e62c7");
+        assert_eq!(rec.agent, Some(AgentId::from("agent-1")));
+    }
+
+    #[test]
+    fn a_written_status_wins_over_the_creation_annotation() {
+        let obj = created_object(Some(json!({"phase": "Failed", "exitCode": 3})));
+        let rec = to_record(&obj, &SpecLimits::default()).unwrap();
+        assert_eq!(rec.phase, Phase::Failed);
+        assert_eq!(rec.exit_code, Some(3));
+        // The id still comes from the id label when the status has none.
+        assert_eq!(rec.sandbox_id.as_str(), "8da65084d2c64d90a576dc165b5e62c7");
+    }
+}
