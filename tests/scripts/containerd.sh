@@ -41,7 +41,7 @@ our_pid() {
   local pid
   pid="$(cat "$PIDFILE" 2>/dev/null || true)"
   # Only trust the pid file if the process is a containerd using our config.
-  if pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$CONFIG"; then
+  if pid_alive "$pid" && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$CONFIG"; then
     echo "$pid"
   fi
 }
@@ -51,7 +51,7 @@ our_pid() {
 our_shims() {
   local pid
   for pid in $(pgrep -f 'containerd-shim' || true); do
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-address $SOCK "; then
+    if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "-address $SOCK "; then
       echo "$pid"
     fi
   done
@@ -66,7 +66,7 @@ our_runtime_procs() {
 our_containerds() {
   local pid
   for pid in $(pgrep -x containerd || true); do
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$CONFIG"; then
+    if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$CONFIG"; then
       echo "$pid"
     fi
   done

@@ -83,7 +83,7 @@ pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
 our_pid() {
   local pid
   pid="$(cat "$1" 2>/dev/null || true)"
-  if pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$K8S_DIR/"; then
+  if pid_alive "$pid" && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$K8S_DIR/"; then
     echo "$pid"
   fi
 }

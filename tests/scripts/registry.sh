@@ -28,7 +28,7 @@ pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
 our_pid() {
   local name="$1" pid
   pid="$(cat "$REG_DIR/$name.pid" 2>/dev/null || true)"
-  if pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$REG_DIR/$name.yml"; then
+  if pid_alive "$pid" && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$REG_DIR/$name.yml"; then
     echo "$pid"
   fi
 }
@@ -37,7 +37,7 @@ our_pid() {
 our_registries() {
   local pid
   for pid in $(pgrep -x docker-registry || true); do
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$REG_DIR/"; then
+    if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$REG_DIR/"; then
       echo "$pid"
     fi
   done

@@ -80,7 +80,10 @@ eval "$("$SCRIPTS/containerd.sh" env)"
 ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images import \
   --snapshotter overlayfs "$archive" >/dev/null
 # ctr names the image after the index's ref.name annotation; check, then export it.
-if ! ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images ls -q | grep -qxF "$ref"; then
+# Listed first, then searched: `ctr ... | grep -q` under pipefail fails when grep
+# stops reading at its match before ctr (one write per line) has written the rest.
+images="$(ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images ls -q)"
+if ! grep -qxF "$ref" <<<"$images"; then
   echo "with-containerd.sh: ctr did not import the image as $ref; it has:" >&2
   ctr --address "$FSB_CONTAINERD_SOCKET" -n "$NAMESPACE" images ls -q >&2
   exit 1
