@@ -1,5 +1,5 @@
-//! The reference scenarios (the original system's end-to-end tests, `reference-behaviour.md` of the design) that `k8s_controller`
-//! does not cover, end to end: the controller in-process against the real API server,
+//! The reference scenarios (the original system's end-to-end tests, listed in the
+//! design's `reference-behaviour.md`) that `k8s_controller` does not cover, end to end: the controller in-process against the real API server,
 //! real `fsb-agent` processes run by the kubelet fixture for pool-made pods, the real
 //! containerd, the real `fsb` CLI and the janitor library.
 //!
