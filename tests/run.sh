@@ -108,14 +108,17 @@ trap 'exit 143' TERM
 # directory cannot swap them mid-run.
 build_bins() {
   cargo build -p fsb-agent-bin -p fsb-bin -p fsb-janitor-bin -p fsb-controller-bin
+  # fsb-init runs inside images without a libc: statically linked.
+  cargo rustc -p fsb-init-bin --bin fsb-init -- -C target-feature=+crt-static
   mkdir -p "$FSB_TEST_RUN_DIR/bin"
   install -m 0755 "$CARGO_TARGET_DIR/debug/fsb-agent" "$CARGO_TARGET_DIR/debug/fsb" \
     "$CARGO_TARGET_DIR/debug/fsb-janitor" "$CARGO_TARGET_DIR/debug/fsb-controller" \
-    "$FSB_TEST_RUN_DIR/bin/"
+    "$CARGO_TARGET_DIR/debug/fsb-init" "$FSB_TEST_RUN_DIR/bin/"
   export FSB_AGENT_BIN="$FSB_TEST_RUN_DIR/bin/fsb-agent"
   export FSB_BIN="$FSB_TEST_RUN_DIR/bin/fsb"
   export FSB_JANITOR_BIN="$FSB_TEST_RUN_DIR/bin/fsb-janitor"
   export FSB_CONTROLLER_BIN="$FSB_TEST_RUN_DIR/bin/fsb-controller"
+  export FSB_INIT_BIN="$FSB_TEST_RUN_DIR/bin/fsb-init"
 }
 
 run_lint() {

@@ -215,6 +215,7 @@ impl Fixture {
                 labels: [("fast-sandbox.io/namespace".to_owned(), "default".to_owned())].into(),
                 runtime,
                 spec_json,
+                warm: false,
             },
             build,
         })

@@ -77,5 +77,6 @@ pub async fn shell_plan(
         labels: [("fast-sandbox.io/namespace".to_owned(), "default".to_owned())].into(),
         runtime,
         spec_json: serde_json::to_vec(&spec)?,
+        warm: false,
     })
 }

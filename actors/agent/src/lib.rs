@@ -30,6 +30,9 @@
 //! - [`exec`]: [`exec::exec`] runs a process in a running sandbox through containerd's
 //!   task Exec with agent-made FIFOs, streaming stdout/stderr and the exit code last;
 //!   stdin and tty resize for interactive use.
+//! - [`warm`]: warm-instance bookkeeping (targets, ready and starting instances,
+//!   claims, refills within start and memory limits); pure, unit-tested. Not wired
+//!   into the actor yet.
 //!
 //! Invariants: every containerd call has a deadline; every container we create
 //! carries the well-known labels (`fast-sandbox.io/managed`, `…/id`, ...), so state
@@ -52,6 +55,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod stats;
+pub mod warm;
 
 pub use actor::LABEL_PORTS;
 pub use error::AgentError;

@@ -72,6 +72,9 @@ pub struct ContainerPlan {
     pub runtime: Runtime,
     /// The OCI runtime spec, JSON.
     pub spec_json: Vec<u8>,
+    /// A warm instance: its process (fsb-init) gets a stdin FIFO the agent writes the
+    /// process spec to when the instance is claimed ([`ContainerdRuntime::hand_over`]).
+    pub warm: bool,
 }
 
 /// Time spent in each step of a create.
@@ -230,6 +233,61 @@ impl ContainerdRuntime {
         }
     }
 
+    /// The stdin FIFO of a warm instance (beside its logs).
+    pub fn stdin_fifo(&self, id: &SandboxId) -> PathBuf {
+        self.log_dir.join(id.as_str()).join("stdin")
+    }
+
+    /// Claim a warm instance: write `spec` to its fsb-init over the stdin FIFO, then
+    /// wait (up to `timeout`) for the process's start report in its stdout log.
+    /// Returns the report; the instance is spent either way.
+    pub async fn hand_over(
+        &self,
+        id: &SandboxId,
+        spec: &fsb_init::InitSpec,
+        timeout: Duration,
+    ) -> Result<fsb_init::Started, AgentError> {
+        use tokio::io::AsyncWriteExt;
+        let fifo = self.stdin_fifo(id);
+        let stdout = self.log_paths(id).stdout;
+        // Only a report written after this claim counts (a spent instance's log holds
+        // its earlier one).
+        let skip = tokio::fs::metadata(&stdout).await.map_or(0, |m| m.len());
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            AgentError::Internal(format!("warm instance {id}: {what}: {e}"))
+        };
+        // Non-blocking: the shim holds the read end; if nothing does, fail at once
+        // (ENXIO) rather than wait for a reader that is gone.
+        let mut pipe = tokio::net::unix::pipe::OpenOptions::new()
+            .open_sender(&fifo)
+            .map_err(|e| failed("opening its stdin", &e))?;
+        pipe.write_all(spec.to_line().as_bytes())
+            .await
+            .map_err(|e| failed("writing the spec", &e))?;
+        drop(pipe);
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            let log = tokio::fs::read(&stdout).await.unwrap_or_default();
+            let fresh = log
+                .get(usize::try_from(skip).unwrap_or(usize::MAX)..)
+                .unwrap_or(&[]);
+            if let Some(started) = String::from_utf8_lossy(fresh)
+                .lines()
+                .find_map(fsb_init::Started::parse)
+            {
+                return Ok(started);
+            }
+            if Instant::now() >= deadline {
+                return Err(AgentError::Internal(format!(
+                    "warm instance {id}: no start report within {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
     /// Create and start a sandbox. On any failure everything created so far is removed
     /// before the error is returned.
     pub async fn create(&self, plan: &ContainerPlan) -> Result<Started, AgentError> {
@@ -308,9 +366,22 @@ impl ContainerdRuntime {
         timings.container = t.elapsed();
 
         let t = Instant::now();
+        let stdin = if plan.warm {
+            let fifo = self.stdin_fifo(&plan.id);
+            rustix::fs::mkfifoat(
+                rustix::fs::CWD,
+                &fifo,
+                rustix::fs::Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| AgentError::Internal(format!("creating {}: {e}", fifo.display())))?;
+            fifo.display().to_string()
+        } else {
+            String::new()
+        };
         let task = CreateTaskRequest {
             container_id: id.to_owned(),
             rootfs,
+            stdin,
             stdout: logs.stdout.display().to_string(),
             stderr: logs.stderr.display().to_string(),
             ..Default::default()

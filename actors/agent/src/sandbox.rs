@@ -155,6 +155,7 @@ async fn start(
         labels: msg.labels,
         runtime: msg.runtime,
         spec_json,
+        warm: false,
     };
     let started = runtime.create(&plan).await?;
     let t = started.timings;

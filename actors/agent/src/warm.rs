@@ -1,0 +1,329 @@
+//! Warm instances, the bookkeeping: which (image, runtime) pairs the agent keeps ready
+//! and how many, which instances are ready or starting, what a claim takes, what to
+//! start next. Pure and synchronous; the actor does the containerd work and reports
+//! back ([`WarmState::started`], [`WarmState::failed`]).
+//!
+//! Rules:
+//! - an instance is claimed at most once (it leaves the table when claimed) and the
+//!   oldest ready one goes first;
+//! - refills never exceed the target per key, the number of starts in flight, or the
+//!   memory budget (every ready or starting instance is charged its estimate);
+//! - lowering a target makes the extra ready instances surplus, to be removed; an
+//!   instance still starting is never surplus (it is counted, then trimmed once ready).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use fsb_core::{ImageRef, SandboxId, spec::Runtime};
+
+/// What a warm instance is made of: an image under a runtime.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WarmKey {
+    /// The image.
+    pub image: ImageRef,
+    /// The OCI runtime.
+    pub runtime: Runtime,
+}
+
+/// Limits of the refill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WarmLimits {
+    /// Instance starts in flight at once.
+    pub max_starting: usize,
+    /// Memory all warm instances may hold, in bytes.
+    pub memory_budget: u64,
+    /// What one instance is charged against the budget, in bytes.
+    pub instance_bytes: u64,
+}
+
+impl Default for WarmLimits {
+    /// 2 starts at a time; 64 instances' worth of 4 MiB.
+    fn default() -> Self {
+        Self {
+            max_starting: 2,
+            memory_budget: 256 << 20,
+            instance_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Ready and wanted instances of one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WarmLevel {
+    /// Ready to be claimed.
+    pub ready: usize,
+    /// Being started.
+    pub starting: usize,
+    /// Wanted.
+    pub target: usize,
+}
+
+/// The warm instances of one agent.
+#[derive(Debug, Default)]
+pub struct WarmState {
+    limits: WarmLimits,
+    targets: BTreeMap<WarmKey, usize>,
+    ready: HashMap<WarmKey, VecDeque<SandboxId>>,
+    starting: HashMap<SandboxId, WarmKey>,
+}
+
+impl WarmState {
+    /// No targets yet.
+    pub fn new(limits: WarmLimits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// Replace the targets (keys not named have target 0). Returns the ready
+    /// instances now beyond their target, to remove.
+    pub fn set_targets(
+        &mut self,
+        targets: impl IntoIterator<Item = (WarmKey, usize)>,
+    ) -> Vec<SandboxId> {
+        self.targets = targets.into_iter().filter(|(_, n)| *n > 0).collect();
+        self.surplus()
+    }
+
+    /// Take the oldest ready instance of `key`, if any: it is the caller's from now
+    /// on and never offered again.
+    pub fn claim(&mut self, key: &WarmKey) -> Option<SandboxId> {
+        self.ready.get_mut(key)?.pop_front()
+    }
+
+    /// Instances to start now (each with a new id), within every limit; they count as
+    /// starting until [`Self::started`] or [`Self::failed`].
+    pub fn refills(&mut self) -> Vec<(SandboxId, WarmKey)> {
+        let mut out = Vec::new();
+        let targets: Vec<(WarmKey, usize)> =
+            self.targets.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        // Round-robin over the keys, one at a time, so one big target does not starve
+        // the others of the shared start and memory limits.
+        loop {
+            let mut added = false;
+            for (key, target) in &targets {
+                if self.starting.len() >= self.limits.max_starting || !self.budget_allows_one() {
+                    return out;
+                }
+                if self.held(key) < *target {
+                    let id = SandboxId::generate();
+                    self.starting.insert(id.clone(), key.clone());
+                    out.push((id, key.clone()));
+                    added = true;
+                }
+            }
+            if !added {
+                return out;
+            }
+        }
+    }
+
+    /// `id` is running and waiting for its spec. Returns `false` if it is not one we
+    /// were starting (then it is not added).
+    pub fn started(&mut self, id: &SandboxId) -> bool {
+        let Some(key) = self.starting.remove(id) else {
+            return false;
+        };
+        self.ready.entry(key).or_default().push_back(id.clone());
+        true
+    }
+
+    /// Starting `id` failed (its container is the caller's to clean up); the next
+    /// [`Self::refills`] tries again.
+    pub fn failed(&mut self, id: &SandboxId) {
+        self.starting.remove(id);
+    }
+
+    /// A ready instance found in containerd at startup (labelled warm, never claimed).
+    pub fn adopt(&mut self, id: SandboxId, key: WarmKey) {
+        self.ready.entry(key).or_default().push_back(id);
+    }
+
+    /// A ready instance that stopped by itself (exited, killed): forget it.
+    pub fn lost(&mut self, id: &SandboxId) -> bool {
+        self.ready.values_mut().any(|q| {
+            let before = q.len();
+            q.retain(|x| x != id);
+            q.len() != before
+        })
+    }
+
+    /// Ready instances beyond their key's target, newest first (the oldest stay: they
+    /// are claimed first). They leave the table.
+    pub fn surplus(&mut self) -> Vec<SandboxId> {
+        let mut out = Vec::new();
+        for (key, queue) in &mut self.ready {
+            let target = self.targets.get(key).copied().unwrap_or(0);
+            while queue.len() > target {
+                if let Some(id) = queue.pop_back() {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
+    /// Levels of every key that has a target or instances, in key order.
+    pub fn levels(&self) -> BTreeMap<WarmKey, WarmLevel> {
+        let mut out: BTreeMap<WarmKey, WarmLevel> = self
+            .targets
+            .iter()
+            .map(|(k, n)| {
+                (
+                    k.clone(),
+                    WarmLevel {
+                        ready: 0,
+                        starting: 0,
+                        target: *n,
+                    },
+                )
+            })
+            .collect();
+        let zero = WarmLevel {
+            ready: 0,
+            starting: 0,
+            target: 0,
+        };
+        for (k, q) in &self.ready {
+            if !q.is_empty() {
+                out.entry(k.clone()).or_insert(zero).ready = q.len();
+            }
+        }
+        for k in self.starting.values() {
+            out.entry(k.clone()).or_insert(zero).starting += 1;
+        }
+        out
+    }
+
+    /// Ready plus starting instances of `key`.
+    fn held(&self, key: &WarmKey) -> usize {
+        self.ready.get(key).map_or(0, VecDeque::len)
+            + self.starting.values().filter(|k| *k == key).count()
+    }
+
+    fn budget_allows_one(&self) -> bool {
+        let held = self.ready.values().map(VecDeque::len).sum::<usize>() + self.starting.len();
+        let used = (held as u64).saturating_mul(self.limits.instance_bytes);
+        used.saturating_add(self.limits.instance_bytes) <= self.limits.memory_budget
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(image: &str, runtime: Runtime) -> WarmKey {
+        WarmKey {
+            image: ImageRef::parse("image", image).unwrap(),
+            runtime,
+        }
+    }
+
+    fn start_all(s: &mut WarmState) -> Vec<SandboxId> {
+        let mut ids = Vec::new();
+        loop {
+            let batch = s.refills();
+            if batch.is_empty() {
+                return ids;
+            }
+            for (id, _) in batch {
+                assert!(s.started(&id));
+                ids.push(id);
+            }
+        }
+    }
+
+    #[test]
+    fn refills_up_to_the_target_within_the_starts_in_flight() {
+        let mut s = WarmState::new(WarmLimits {
+            max_starting: 2,
+            ..WarmLimits::default()
+        });
+        let busybox = key("busybox", Runtime::Runc);
+        assert!(s.set_targets([(busybox.clone(), 5)]).is_empty());
+        let first = s.refills();
+        assert_eq!(first.len(), 2, "two starts at a time");
+        assert!(s.refills().is_empty(), "none more while two are starting");
+        for (id, _) in &first {
+            assert!(s.started(id));
+        }
+        assert_eq!(start_all(&mut s).len(), 3);
+        assert_eq!(
+            s.levels()[&busybox],
+            WarmLevel {
+                ready: 5,
+                starting: 0,
+                target: 5
+            }
+        );
+        assert!(s.refills().is_empty(), "full");
+    }
+
+    #[test]
+    fn a_claim_takes_the_oldest_once_and_the_pool_refills() {
+        let mut s = WarmState::new(WarmLimits::default());
+        let k = key("busybox", Runtime::Runc);
+        s.set_targets([(k.clone(), 2)]);
+        let ids = start_all(&mut s);
+        let claimed = s.claim(&k).unwrap();
+        assert_eq!(claimed, ids[0], "oldest first");
+        assert_eq!(s.claim(&k).unwrap(), ids[1]);
+        assert_eq!(s.claim(&k), None, "exhausted: the cold path");
+        let again = start_all(&mut s);
+        assert_eq!(again.len(), 2);
+        assert!(
+            !again.contains(&claimed),
+            "new instances, never the claimed one"
+        );
+        assert_eq!(s.claim(&key("busybox", Runtime::Crun)), None, "per runtime");
+    }
+
+    #[test]
+    fn the_memory_budget_caps_every_key_together() {
+        let mut s = WarmState::new(WarmLimits {
+            max_starting: 100,
+            memory_budget: 10 << 20,
+            instance_bytes: 4 << 20,
+        });
+        let (a, b) = (key("a", Runtime::Runc), key("b", Runtime::Gvisor));
+        s.set_targets([(a.clone(), 3), (b.clone(), 3)]);
+        let ids = start_all(&mut s);
+        assert_eq!(ids.len(), 2, "two instances of 4 MiB fit in 10 MiB");
+        let l = s.levels();
+        assert_eq!((l[&a].ready, l[&b].ready), (1, 1), "shared fairly");
+    }
+
+    #[test]
+    fn a_lowered_target_returns_the_newest_as_surplus_and_failures_retry() {
+        let mut s = WarmState::new(WarmLimits::default());
+        let k = key("busybox", Runtime::Runc);
+        s.set_targets([(k.clone(), 3)]);
+        let ids = start_all(&mut s);
+        let surplus = s.set_targets([(k.clone(), 1)]);
+        assert_eq!(surplus, vec![ids[2].clone(), ids[1].clone()]);
+        assert_eq!(s.claim(&k), Some(ids[0].clone()));
+        s.set_targets([(k.clone(), 1)]);
+        let (id, _) = s.refills().pop().unwrap();
+        s.failed(&id);
+        assert!(!s.started(&id), "a failed start is not ready");
+        assert_eq!(s.refills().len(), 1, "tried again");
+        assert_eq!(
+            s.set_targets([]).len(),
+            0,
+            "starting instances are not surplus"
+        );
+    }
+
+    #[test]
+    fn adopted_and_lost_instances() {
+        let mut s = WarmState::new(WarmLimits::default());
+        let k = key("busybox", Runtime::Runc);
+        let id = SandboxId::generate();
+        s.adopt(id.clone(), k.clone());
+        assert_eq!(s.set_targets([(k.clone(), 1)]).len(), 0);
+        assert!(s.refills().is_empty(), "the adopted one counts");
+        assert!(s.lost(&id));
+        assert!(!s.lost(&id));
+        assert_eq!(s.refills().len(), 1);
+    }
+}

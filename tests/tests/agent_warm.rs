@@ -1,0 +1,166 @@
+//! Warm-instance handoff on the real containerd, for runc, crun and gVisor: a container
+//! whose PID 1 is the static `fsb-init` (bind-mounted read-only) is created and started
+//! ahead of time with a stdin FIFO; claiming it writes the process spec there, and the
+//! process runs with the claimed env, a created working directory and the claimed user,
+//! reports its start first in the log, and its exit ends the instance.
+
+#![allow(clippy::unwrap_used)] // helpers below are test code too
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fsb_agent::runtime::{ContainerdRuntime, TaskState};
+use fsb_core::spec::Runtime;
+use fsb_init::{InitSpec, REPORT_PREFIX};
+use fsb_tests::{ContainerdEnv, wait_until};
+use futures::StreamExt;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A warm plan: `/.fsb/init` (the static binary of `FSB_INIT_BIN`) as PID 1.
+async fn warm_plan(
+    env: &ContainerdEnv,
+    rt: &ContainerdRuntime,
+    runtime: Runtime,
+) -> fsb_agent::runtime::ContainerPlan {
+    let init = std::env::var("FSB_INIT_BIN").expect("FSB_INIT_BIN is set by tests/run.sh");
+    let mut plan = fsb_tests::shell_plan(env, rt, runtime, "unused")
+        .await
+        .unwrap();
+    let mut spec: serde_json::Value = serde_json::from_slice(&plan.spec_json).unwrap();
+    spec["process"]["args"] = serde_json::json!(["/.fsb/init"]);
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/.fsb/init", "type": "bind", "source": init,
+            "options": ["rbind", "ro", "nosuid", "nodev"]
+        }));
+    plan.spec_json = serde_json::to_vec(&spec).unwrap();
+    plan.warm = true;
+    plan
+}
+
+fn now_us() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_claimed_warm_instance_runs_the_claimed_process_on_every_runtime() {
+    let env = ContainerdEnv::from_env();
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    for runtime in [Runtime::Runc, Runtime::Crun, Runtime::Gvisor] {
+        let plan = warm_plan(&env, &rt, runtime).await;
+        let id = plan.id.clone();
+        rt.create(&plan).await.unwrap();
+        assert!(
+            matches!(rt.task_state(&id).await.unwrap(), TaskState::Running),
+            "{runtime:?}: fsb-init waits for its spec"
+        );
+
+        let spec = InitSpec {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                r#"echo "hello $GREETING"; pwd; id -u; exit 4"#.into(),
+            ],
+            env: vec![
+                ("PATH".into(), "/bin:/usr/bin".into()),
+                ("GREETING".into(), "warm world".into()),
+            ],
+            cwd: Some("/work/new".into()),
+            uid: Some(65534),
+            gid: None,
+        };
+        let sent_us = now_us();
+        let sent = Instant::now();
+        let report = rt.hand_over(&id, &spec, DEADLINE).await.unwrap();
+        eprintln!(
+            "{runtime:?}: claim -> process started {} us (report seen after {:?})",
+            report.unix_us.saturating_sub(sent_us),
+            sent.elapsed()
+        );
+        assert!(
+            report.unix_us >= sent_us,
+            "{runtime:?}: started after the claim"
+        );
+
+        let state = wait_until("the claimed process to exit", DEADLINE, || async {
+            Ok(match rt.task_state(&id).await? {
+                s @ TaskState::Stopped { .. } => Some(s),
+                _ => None,
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(state, TaskState::Stopped { exit_code: 4 }, "{runtime:?}");
+        let log = tokio::fs::read_to_string(rt.log_paths(&id).stdout)
+            .await
+            .unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert!(
+            lines[0].starts_with(REPORT_PREFIX),
+            "{runtime:?}: the report comes first: {lines:?}"
+        );
+        assert_eq!(
+            &lines[1..],
+            ["hello warm world", "/work/new", "65534"],
+            "{runtime:?}"
+        );
+        assert!(rt.remove(&id, Duration::from_secs(1)).await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn an_unclaimed_instance_stops_at_once_and_a_spent_one_cannot_be_claimed_again() {
+    let env = ContainerdEnv::from_env();
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    // Unclaimed: SIGTERM ends fsb-init (status 143), no SIGKILL after the grace (137).
+    let mut exits = Box::pin(rt.exits().await.unwrap());
+    let plan = warm_plan(&env, &rt, Runtime::Runc).await;
+    rt.create(&plan).await.unwrap();
+    let remover = {
+        let (rt, id) = (rt.clone(), plan.id.clone());
+        tokio::spawn(async move { rt.remove(&id, Duration::from_secs(30)).await })
+    };
+    let exit = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let e = exits.next().await.expect("event stream open");
+            if e.id == plan.id {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("exit event before the grace period is over");
+    assert_eq!(exit.exit_code, 143, "ended by its TERM handler");
+    assert!(remover.await.unwrap().unwrap());
+
+    // Spent: once its process has exited, a second claim fails instead of hanging.
+    let plan = warm_plan(&env, &rt, Runtime::Runc).await;
+    rt.create(&plan).await.unwrap();
+    let spec = InitSpec {
+        argv: vec!["true".into()],
+        env: vec![("PATH".into(), "/bin".into())],
+        ..InitSpec::default()
+    };
+    rt.hand_over(&plan.id, &spec, DEADLINE).await.unwrap();
+    wait_until("the process to exit", DEADLINE, || async {
+        Ok(matches!(rt.task_state(&plan.id).await?, TaskState::Stopped { .. }).then_some(()))
+    })
+    .await
+    .unwrap();
+    let again = rt
+        .hand_over(&plan.id, &spec, Duration::from_millis(500))
+        .await;
+    assert!(
+        again.is_err(),
+        "a spent instance is never claimed twice: {again:?}"
+    );
+    assert!(rt.remove(&plan.id, Duration::from_secs(1)).await.unwrap());
+}
