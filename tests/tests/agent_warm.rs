@@ -164,3 +164,64 @@ async fn an_unclaimed_instance_stops_at_once_and_a_spent_one_cannot_be_claimed_a
     );
     assert!(rt.remove(&plan.id, Duration::from_secs(1)).await.unwrap());
 }
+
+/// Claim `plan`'s instance with `sh -c script` and return its stdout after the report.
+async fn claim_and_read(rt: &ContainerdRuntime, id: &fsb_core::SandboxId, script: &str) -> String {
+    let spec = InitSpec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec![("PATH".into(), "/bin:/usr/bin".into())],
+        ..InitSpec::default()
+    };
+    rt.hand_over(id, &spec, DEADLINE).await.unwrap();
+    wait_until("the claimed process to exit", DEADLINE, || async {
+        Ok(matches!(rt.task_state(id).await?, TaskState::Stopped { .. }).then_some(()))
+    })
+    .await
+    .unwrap();
+    let log = tokio::fs::read_to_string(rt.log_paths(id).stdout)
+        .await
+        .unwrap();
+    log.lines()
+        .filter(|l| !l.starts_with(REPORT_PREFIX))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn instances_of_one_image_share_nothing() {
+    let env = ContainerdEnv::from_env();
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    // Both made ahead of time from the same image, as a warm pool holds them.
+    let (a, b) = (
+        warm_plan(&env, &rt, Runtime::Runc).await,
+        warm_plan(&env, &rt, Runtime::Runc).await,
+    );
+    rt.create(&a).await.unwrap();
+    rt.create(&b).await.unwrap();
+    // Counts `sleep` processes this sandbox can see.
+    const SLEEPERS: &str =
+        "for p in /proc/[0-9]*; do cat $p/comm 2>/dev/null; done | grep -c '^sleep$'";
+    // A writes a file, leaves a process behind and sets a variable; it sees its own
+    // `sleep` (so the count below can see one).
+    let out_a = claim_and_read(
+        &rt,
+        &a.id,
+        &format!("echo secret > /tmp/a-was-here; export A_SECRET=1; sleep 600 & {SLEEPERS}"),
+    )
+    .await;
+    assert_eq!(out_a, "1", "A sees its own process");
+    let out_b = claim_and_read(
+        &rt,
+        &b.id,
+        &format!("ls /tmp; echo \"env=${{A_SECRET:-none}}\"; {SLEEPERS} || true"),
+    )
+    .await;
+    assert_eq!(
+        out_b.lines().collect::<Vec<_>>(),
+        ["env=none", "0"],
+        "B sees no file, variable or process of A"
+    );
+    for plan in [a, b] {
+        assert!(rt.remove(&plan.id, Duration::from_secs(1)).await.unwrap());
+    }
+}
