@@ -13,7 +13,77 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use fsb_core::{ImageRef, SandboxId, spec::Runtime};
+use fsb_core::{
+    ImageRef, SandboxId,
+    spec::{Runtime, ValidSpec},
+};
+use fsb_init::InitSpec;
+
+use crate::{
+    error::AgentError,
+    oci::{ImageConfig, process_args, process_cwd, process_env},
+};
+
+/// Why a create takes the cold path (named in its timeline).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColdReason {
+    /// No ready instance of its image and runtime.
+    NoInstance,
+    /// cpu, memory or pids limits: not yet applied to a running instance.
+    Limits,
+}
+
+impl ColdReason {
+    /// The timeline's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoInstance => "cold: no warm instance",
+            Self::Limits => "cold: resource limits",
+        }
+    }
+}
+
+/// The instances a create could take: its image under its runtime (`default` when
+/// the spec names none).
+pub fn key_of(spec: &ValidSpec, default: Runtime) -> WarmKey {
+    WarmKey {
+        image: spec.image.clone(),
+        runtime: spec.runtime.unwrap_or(default),
+    }
+}
+
+/// Whether a create may take a warm instance at all: everything but its resource
+/// limits is bound at claim time (command, args, env, working directory, user).
+pub fn claimable(spec: &ValidSpec) -> Result<(), ColdReason> {
+    if spec.cpu.is_some() || spec.memory.is_some() || spec.pids.is_some() {
+        return Err(ColdReason::Limits);
+    }
+    Ok(())
+}
+
+/// The process a claimed instance runs: the same argv, environment and working
+/// directory a cold create's OCI spec gets (`crate::oci`), as `user` (resolved from
+/// the image as for a cold create).
+pub fn init_spec(
+    spec: &ValidSpec,
+    image: &ImageConfig,
+    user: (u32, u32),
+) -> Result<InitSpec, AgentError> {
+    let env = process_env(&image.env, &spec.envs)
+        .into_iter()
+        .map(|e| match e.split_once('=') {
+            Some((n, v)) => (n.to_owned(), v.to_owned()),
+            None => (e, String::new()),
+        })
+        .collect();
+    Ok(InitSpec {
+        argv: process_args(&spec.command, &spec.args, image)?,
+        env,
+        cwd: Some(process_cwd(spec, image)?),
+        uid: Some(user.0),
+        gid: Some(user.1),
+    })
+}
 
 /// What a warm instance is made of: an image under a runtime.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -210,7 +280,78 @@ impl WarmState {
 
 #[cfg(test)]
 mod tests {
+    use fsb_core::spec::{EnvVar, SandboxSpec, SpecLimits};
+
     use super::*;
+
+    fn valid(edit: impl FnOnce(&mut SandboxSpec)) -> ValidSpec {
+        let mut spec = SandboxSpec {
+            namespace: "default".into(),
+            pool_ref: "pool".into(),
+            image: "busybox".into(),
+            ..SandboxSpec::default()
+        };
+        edit(&mut spec);
+        spec.validate(&SpecLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn a_claim_binds_what_a_cold_create_would() {
+        let image = ImageConfig {
+            entrypoint: vec!["/bin/entry".into()],
+            cmd: vec!["default-arg".into()],
+            env: vec!["PATH=/image/bin".into(), "LANG=C".into()],
+            working_dir: "/srv".into(),
+            user: String::new(),
+        };
+        let plain = init_spec(&valid(|_| {}), &image, (0, 0)).unwrap();
+        assert_eq!(plain.argv, ["/bin/entry", "default-arg"], "image defaults");
+        assert_eq!(plain.cwd.as_deref(), Some("/srv"));
+        assert_eq!(
+            plain.env,
+            [
+                ("PATH".to_owned(), "/image/bin".to_owned()),
+                ("LANG".to_owned(), "C".to_owned())
+            ]
+        );
+        let bound = init_spec(
+            &valid(|s| {
+                s.args = vec!["x".into()];
+                s.envs = vec![
+                    EnvVar {
+                        name: "LANG".into(),
+                        value: "fr".into(),
+                    },
+                    EnvVar {
+                        name: "A".into(),
+                        value: "1".into(),
+                    },
+                ];
+                s.working_dir = "/work/new".into();
+            }),
+            &image,
+            (65534, 65534),
+        )
+        .unwrap();
+        assert_eq!(bound.argv, ["/bin/entry", "x"], "entrypoint + args");
+        assert_eq!(bound.env[1], ("LANG".to_owned(), "fr".to_owned()));
+        assert_eq!(bound.env[2], ("A".to_owned(), "1".to_owned()));
+        assert_eq!(bound.cwd.as_deref(), Some("/work/new"));
+        assert_eq!((bound.uid, bound.gid), (Some(65534), Some(65534)));
+        // What fsb-init accepts.
+        assert_eq!(InitSpec::parse(&bound.to_line()).unwrap(), bound);
+    }
+
+    #[test]
+    fn limits_take_the_cold_path_and_the_key_follows_the_runtime() {
+        assert_eq!(claimable(&valid(|_| {})), Ok(()));
+        let limited = valid(|s| s.resources.pids = 64);
+        assert_eq!(claimable(&limited), Err(ColdReason::Limits));
+        let k = key_of(&valid(|_| {}), Runtime::Crun);
+        assert_eq!(k.runtime, Runtime::Crun);
+        let g = key_of(&valid(|s| s.runtime = "gvisor".into()), Runtime::Runc);
+        assert_eq!(g.runtime, Runtime::Gvisor);
+    }
 
     fn key(image: &str, runtime: Runtime) -> WarmKey {
         WarmKey {
