@@ -141,9 +141,17 @@ impl Cursor {
             .await
             .map_err(|e| io_error(&self.path, &e))?
             .len();
-        let start = tail_offset(&mut file, len, tail_lines)
+        let mut start = tail_offset(&mut file, len, tail_lines)
             .await
             .map_err(|e| io_error(&self.path, &e))?;
+        if self.stream == LogStream::Stdout {
+            // A warm instance's first stdout line is fsb-init's start report, not the
+            // process's output.
+            let report = report_end(&mut file)
+                .await
+                .map_err(|e| io_error(&self.path, &e))?;
+            start = start.max(report);
+        }
         file.seek(SeekFrom::Start(start))
             .await
             .map_err(|e| io_error(&self.path, &e))?;
@@ -271,6 +279,30 @@ impl Reader {
 
 /// Offset where the last `lines` lines of a file of length `len` start (0 for all).
 /// A final newline ends the last line rather than starting an empty one.
+/// Where the process's own output starts: after fsb-init's report line if the file
+/// starts with one, else 0.
+async fn report_end(file: &mut tokio::fs::File) -> std::io::Result<u64> {
+    let prefix = fsb_init::REPORT_PREFIX.as_bytes();
+    let mut head = [0u8; 256];
+    file.seek(SeekFrom::Start(0)).await?;
+    let mut n = 0;
+    while n < head.len() {
+        let got = file.read(&mut head[n..]).await?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    let head = &head[..n];
+    if !head.starts_with(prefix) {
+        return Ok(0);
+    }
+    Ok(head
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(0, |i| i as u64 + 1))
+}
+
 async fn tail_offset(file: &mut tokio::fs::File, len: u64, lines: u64) -> std::io::Result<u64> {
     if lines == 0 || len == 0 {
         return Ok(0);
@@ -460,6 +492,27 @@ mod tests {
         let (out, err) = collect(stream_logs(p, LogOptions::default())).await;
         assert_eq!(out, b"a\nb\n");
         assert_eq!(err, b"e\n");
+    }
+
+    #[tokio::test]
+    async fn a_warm_instance_start_report_is_not_part_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        let report = fsb_init::Started { pid: 7, unix_us: 1 }.to_line();
+        append(&p.stdout, format!("{report}out-1\nout-2\n").as_bytes());
+        append(&p.stderr, report.as_bytes());
+        let (out, err) = collect(stream_logs(p.clone(), LogOptions::default())).await;
+        assert_eq!(out, b"out-1\nout-2\n");
+        assert_eq!(
+            err,
+            report.as_bytes(),
+            "only fsb-init's stdout report is hidden"
+        );
+        let tail = LogOptions {
+            tail_lines: 5,
+            ..LogOptions::default()
+        };
+        assert_eq!(collect(stream_logs(p, tail)).await.0, b"out-1\nout-2\n");
     }
 
     #[tokio::test]
