@@ -225,3 +225,72 @@ async fn instances_of_one_image_share_nothing() {
         assert!(rt.remove(&plan.id, Duration::from_secs(1)).await.unwrap());
     }
 }
+
+/// `/sys/fs/cgroup/<controller>/fast-sandbox/<id>/<file>` (cgroup v1, this machine),
+/// else the unified hierarchy's `<v2 file>`.
+fn cgroup_value(controller: &str, v1: &str, v2: &str, id: &fsb_core::SandboxId) -> String {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let rel = std::path::Path::new("fast-sandbox").join(id.as_str());
+    std::fs::read_to_string(root.join(controller).join(&rel).join(v1))
+        .or_else(|_| std::fs::read_to_string(root.join("unified").join(&rel).join(v2)))
+        .unwrap_or_else(|e| panic!("{controller} cgroup of {id}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn limits_are_applied_to_a_running_instance_on_runc_and_crun() {
+    let env = ContainerdEnv::from_env();
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    let limits = serde_json::json!({
+        "pids": { "limit": 32 },
+        "memory": { "limit": 64 << 20 },
+        "cpu": { "quota": 50_000, "period": 100_000 },
+    });
+    for runtime in [Runtime::Runc, Runtime::Crun] {
+        let plan = warm_plan(&env, &rt, runtime).await;
+        rt.create(&plan).await.unwrap();
+        rt.update_limits(&plan.id, &limits).await.unwrap();
+        assert_eq!(
+            cgroup_value("pids", "pids.max", "pids.max", &plan.id),
+            "32",
+            "{runtime:?}"
+        );
+        assert_eq!(
+            cgroup_value("memory", "memory.limit_in_bytes", "memory.max", &plan.id),
+            (64u64 << 20).to_string(),
+            "{runtime:?}"
+        );
+        assert_eq!(
+            cgroup_value("cpu", "cpu.cfs_quota_us", "cpu.max", &plan.id)
+                .split_whitespace()
+                .next()
+                .unwrap(),
+            "50000",
+            "{runtime:?}"
+        );
+        // The claimed process lives under them: one of the limited cgroup's two
+        // processes, beside fsb-init (`cgroup.procs` lists processes; `pids.current`
+        // also counts fsb-init's threads).
+        let spec = InitSpec {
+            argv: vec!["sleep".into(), "30".into()],
+            env: vec![("PATH".into(), "/bin:/usr/bin".into())],
+            ..InitSpec::default()
+        };
+        rt.hand_over(&plan.id, &spec, DEADLINE).await.unwrap();
+        wait_until(
+            "init and the claimed process in the cgroup",
+            DEADLINE,
+            || {
+                let id = plan.id.clone();
+                async move {
+                    let procs = cgroup_value("pids", "cgroup.procs", "cgroup.procs", &id);
+                    Ok((procs.lines().count() == 2).then_some(()))
+                }
+            },
+        )
+        .await
+        .unwrap();
+        assert!(rt.remove(&plan.id, Duration::from_secs(1)).await.unwrap());
+    }
+}

@@ -31,8 +31,10 @@
 //!   task Exec with agent-made FIFOs, streaming stdout/stderr and the exit code last;
 //!   stdin and tty resize for interactive use.
 //! - [`warm`]: warm-instance bookkeeping (targets, ready and starting instances,
-//!   claims, refills within start and memory limits); pure, unit-tested. Not wired
-//!   into the actor yet.
+//!   claims, refills within start and memory limits) and late binding (the claimed
+//!   process from spec + image; which creates must go cold); pure, unit-tested. The
+//!   runtime side is [`runtime::ContainerdRuntime::hand_over`] and `update_limits`.
+//!   Not wired into the actor yet.
 //!
 //! Invariants: every containerd call has a deadline; every container we create
 //! carries the well-known labels (`fast-sandbox.io/managed`, `…/id`, ...), so state

@@ -330,6 +330,28 @@ pub fn cpu_quota(cpu: MilliCpu) -> Result<i64, AgentError> {
         })
 }
 
+/// The spec's cpu, memory and pids limits as OCI `linux.resources` (the pids default
+/// when unset): written into a cold create's spec, or applied to a claimed warm
+/// instance with a task update.
+pub fn limits(spec: &ValidSpec) -> Result<Value, AgentError> {
+    let mut resources = json!({
+        "pids": { "limit": spec.pids.unwrap_or(DEFAULT_PIDS_LIMIT) },
+    });
+    if let Some(cpu) = spec.cpu {
+        resources["cpu"] = json!({ "quota": cpu_quota(cpu)?, "period": CPU_PERIOD_US });
+    }
+    if let Some(memory) = spec.memory {
+        let limit = i64::try_from(memory.0).map_err(|_| {
+            AgentError::InvalidArgument(format!(
+                "spec.resources.memory: {} bytes is too large",
+                memory.0
+            ))
+        })?;
+        resources["memory"] = json!({ "limit": limit });
+    }
+    Ok(resources)
+}
+
 /// containerd's default mounts (without its `/run` tmpfs) plus a read-only cgroupfs.
 fn default_mounts() -> Vec<Value> {
     let mount = |dest: &str, typ: &str, src: &str, opts: &[&str]| json!({ "destination": dest, "type": typ, "source": src, "options": opts });
@@ -429,24 +451,10 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
         NetworkMode::Isolated => json!({ "type": "network" }),
     };
 
-    let mut resources = json!({
-        // Deny every device node except those the runtime always allows
-        // (null, zero, full, random, urandom, tty, ptmx, pts), as containerd does.
-        "devices": [{ "allow": false, "access": "rwm" }],
-        "pids": { "limit": spec.pids.unwrap_or(DEFAULT_PIDS_LIMIT) },
-    });
-    if let Some(cpu) = spec.cpu {
-        resources["cpu"] = json!({ "quota": cpu_quota(cpu)?, "period": CPU_PERIOD_US });
-    }
-    if let Some(memory) = spec.memory {
-        let limit = i64::try_from(memory.0).map_err(|_| {
-            AgentError::InvalidArgument(format!(
-                "spec.resources.memory: {} bytes is too large",
-                memory.0
-            ))
-        })?;
-        resources["memory"] = json!({ "limit": limit });
-    }
+    let mut resources = limits(spec)?;
+    // Deny every device node except those the runtime always allows
+    // (null, zero, full, random, urandom, tty, ptmx, pts), as containerd does.
+    resources["devices"] = json!([{ "allow": false, "access": "rwm" }]);
 
     let mut linux = json!({
         "namespaces": [

@@ -18,7 +18,7 @@ use containerd_client::{
     services::v1::{
         Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
         DeleteTaskRequest, GetRequest as GetTaskRequest, KillRequest, ListContainersRequest,
-        PublishRequest, StartRequest, SubscribeRequest, WaitRequest,
+        PublishRequest, StartRequest, SubscribeRequest, UpdateTaskRequest, WaitRequest,
         containers_client::ContainersClient,
         events_client::EventsClient,
         snapshots::{
@@ -52,6 +52,8 @@ const RETAINED_DIR: &str = ".retained";
 const EXIT_TOPIC: &str = "/tasks/exit";
 /// Our own event, published to learn that a subscription is live.
 const MARKER_TOPIC: &str = "/fast-sandbox/subscribed";
+/// containerd's type URL of OCI `LinuxResources` (JSON, as the spec's).
+const RESOURCES_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
 const MARKER_TYPE_URL: &str = "types.fast-sandbox.io/SubscriptionMarker";
 const SIGKILL: u32 = 9;
 /// After SIGKILL, how long to wait for the exit before giving up with an error.
@@ -236,6 +238,32 @@ impl ContainerdRuntime {
     /// The stdin FIFO of a warm instance (beside its logs).
     pub fn stdin_fifo(&self, id: &SandboxId) -> PathBuf {
         self.log_dir.join(id.as_str()).join("stdin")
+    }
+
+    /// Apply OCI `linux.resources` (`crate::oci::limits`) to a running sandbox: a
+    /// claimed warm instance gets its create's limits this way.
+    pub async fn update_limits(
+        &self,
+        id: &SandboxId,
+        resources: &serde_json::Value,
+    ) -> Result<(), AgentError> {
+        let value = serde_json::to_vec(resources)
+            .map_err(|e| AgentError::Internal(format!("encoding resources: {e}")))?;
+        let req = UpdateTaskRequest {
+            container_id: id.as_str().to_owned(),
+            resources: Some(prost_types::Any {
+                type_url: RESOURCES_TYPE_URL.to_owned(),
+                value,
+            }),
+            annotations: HashMap::new(),
+        };
+        self.cd
+            .call(
+                "update task",
+                TasksClient::new(self.cd.channel()).update(self.cd.request(req)),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Claim a warm instance: write `spec` to its fsb-init over the stdin FIFO, then

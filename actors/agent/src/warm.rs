@@ -29,7 +29,8 @@ use crate::{
 pub enum ColdReason {
     /// No ready instance of its image and runtime.
     NoInstance,
-    /// cpu, memory or pids limits: not yet applied to a running instance.
+    /// cpu, memory or pids limits under gVisor: applied to a running instance
+    /// (task update) only on runc and crun so far.
     Limits,
 }
 
@@ -38,7 +39,7 @@ impl ColdReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::NoInstance => "cold: no warm instance",
-            Self::Limits => "cold: resource limits",
+            Self::Limits => "cold: resource limits under gvisor",
         }
     }
 }
@@ -52,10 +53,13 @@ pub fn key_of(spec: &ValidSpec, default: Runtime) -> WarmKey {
     }
 }
 
-/// Whether a create may take a warm instance at all: everything but its resource
-/// limits is bound at claim time (command, args, env, working directory, user).
-pub fn claimable(spec: &ValidSpec) -> Result<(), ColdReason> {
-    if spec.cpu.is_some() || spec.memory.is_some() || spec.pids.is_some() {
+/// Whether a create may take a warm instance of `runtime` at all: command, args, env,
+/// working directory and user are bound at claim time (fsb-init), resource limits by
+/// a task update ([`crate::runtime::ContainerdRuntime::update_limits`]) on runc and
+/// crun (tested); under gVisor a create with limits goes cold.
+pub fn claimable(spec: &ValidSpec, runtime: Runtime) -> Result<(), ColdReason> {
+    let limited = spec.cpu.is_some() || spec.memory.is_some() || spec.pids.is_some();
+    if limited && runtime == Runtime::Gvisor {
         return Err(ColdReason::Limits);
     }
     Ok(())
@@ -343,10 +347,15 @@ mod tests {
     }
 
     #[test]
-    fn limits_take_the_cold_path_and_the_key_follows_the_runtime() {
-        assert_eq!(claimable(&valid(|_| {})), Ok(()));
+    fn limits_go_cold_only_under_gvisor_and_the_key_follows_the_runtime() {
+        assert_eq!(claimable(&valid(|_| {}), Runtime::Gvisor), Ok(()));
         let limited = valid(|s| s.resources.pids = 64);
-        assert_eq!(claimable(&limited), Err(ColdReason::Limits));
+        assert_eq!(claimable(&limited, Runtime::Runc), Ok(()));
+        assert_eq!(claimable(&limited, Runtime::Crun), Ok(()));
+        assert_eq!(
+            claimable(&limited, Runtime::Gvisor),
+            Err(ColdReason::Limits)
+        );
         let k = key_of(&valid(|_| {}), Runtime::Crun);
         assert_eq!(k.runtime, Runtime::Crun);
         let g = key_of(&valid(|s| s.runtime = "gvisor".into()), Runtime::Runc);
