@@ -25,9 +25,23 @@ cd "$REPO_ROOT"
 SCRIPTS="$REPO_ROOT/tests/scripts"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/fast-sandbox/target}"
+# Test runs rebuild from clean clones: incremental state only fills the disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# The shared target dir keeps every checkout's test executables (hundreds of MB each)
+# and any incremental state: drop executables not touched for 4 hours before building
+# (cargo relinks what it needs), so the cache cannot fill the disk run after run.
+prune_target_cache() {
+  local deps="$CARGO_TARGET_DIR/debug/deps"
+  [[ -d "$deps" ]] || return 0
+  find "$deps" -maxdepth 1 -type f -perm -u+x ! -name '*.so' -mmin +240 -delete 2>/dev/null || true
+  rm -rf "$CARGO_TARGET_DIR/debug/incremental"
+}
+prune_target_cache
 export FSB_TEST_RUN_DIR="${FSB_TEST_RUN_DIR:-/tmp/fsb-test}"
 
-# Debian packages the suites need, each with the command that shows it is there.
+# Debian packages the suites need, each with the command that shows it is there
+# (gcc: Rust's linker; libc6-dev: its static libc for the static fsb-init build).
 PACKAGES=(
   containerd:containerd
   runc:runc
@@ -42,6 +56,8 @@ PACKAGES=(
   openssl:openssl
   curl:curl
   iproute2:ss
+  gcc:gcc
+  libc6-dev:
 )
 
 say() { echo "==> $*" >&2; }
