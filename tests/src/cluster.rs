@@ -467,3 +467,33 @@ pub async fn strong_sleeper(
         Err(s) => bail!("create {ns}/{name}: {s}"),
     }
 }
+
+/// The node's containers of one agent, for a janitor run by a test: the tests share
+/// one containerd, so a test's janitor judges its own agents' containers only.
+#[derive(Debug)]
+pub struct AgentContainers {
+    /// The containerd the agents use.
+    pub runtime: fsb_agent::runtime::ContainerdRuntime,
+    /// The agent (pod uid) whose containers these are.
+    pub agent: String,
+}
+
+impl fsb_janitor::NodeContainers for AgentContainers {
+    async fn list(&self) -> Result<Vec<fsb_janitor::ContainerFacts>, fsb_janitor::JanitorError> {
+        Ok(self
+            .runtime
+            .list(Some(&self.agent))
+            .await?
+            .iter()
+            .map(|o| fsb_janitor::ContainerFacts::from_labels(&o.id, &o.labels, o.created_at))
+            .collect())
+    }
+
+    async fn remove(
+        &self,
+        id: &fsb_core::SandboxId,
+        grace: Duration,
+    ) -> Result<bool, fsb_janitor::JanitorError> {
+        Ok(self.runtime.remove(id, grace).await?)
+    }
+}

@@ -5,8 +5,9 @@
 //!   sandbox id; an acknowledged FAST create either does too or (its record lost with
 //!   the process, as FAST allows) has left no container;
 //! - no port is held twice on one agent;
-//! - containerd holds exactly the containers of recorded sandboxes, within the bound of
-//!   the controller's orphan scan (nothing unrecorded survives);
+//! - containerd holds exactly the containers of recorded sandboxes within the
+//!   janitor's bound (its orphan timeout + a scan; the controller's orphan scan removes
+//!   most earlier): nothing unrecorded survives;
 //! - the registry's count equals the live sandboxes.
 #![cfg(feature = "k8s")]
 
@@ -21,10 +22,14 @@ use std::{
 
 use anyhow::{Result, bail};
 use fsb_controller::crd::{Sandbox, SandboxPhase};
+use fsb_janitor::{Janitor, JanitorConfig, KubeCluster};
 use fsb_proto::fastpath::v1::{self as fp, fast_path_client::FastPathClient};
 use fsb_tests::{
     agent::container_runtime,
-    cluster::{ControllerProcess, ControllerUnderTest, free_port, install_crds, namespace, pool},
+    cluster::{
+        AgentContainers, ControllerProcess, ControllerUnderTest, free_port, install_crds,
+        namespace, pool,
+    },
     containerd::ContainerdEnv,
     k8s::kube_client,
     kubelet::Kubelet,
@@ -247,16 +252,40 @@ async fn controller_killed_during_500_creates_loses_nothing_and_leaks_nothing() 
     let runtime = container_runtime(&ContainerdEnv::from_env()).await?;
     let agent_uids: Vec<String> = kubelet.running().into_iter().map(|p| p.uid).collect();
 
+    // The node's janitor, one per agent here (the suite shares containerd): it removes
+    // what no Sandbox accounts for once older than its orphan timeout, including
+    // containers the agents' own tables lost track of when their create call was cut
+    // by the kill (those never reach the controller's orphan scan).
+    let mut janitors = Vec::new();
+    for uid in &agent_uids {
+        janitors.push(Janitor::new(
+            KubeCluster::new(client.clone(), Duration::from_secs(5)),
+            AgentContainers {
+                runtime: container_runtime(&ContainerdEnv::from_env()).await?,
+                agent: uid.clone(),
+            },
+            JanitorConfig {
+                node_name: kubelet.node().to_owned(),
+                interval: Duration::from_secs(1),
+                orphan_timeout: Duration::from_secs(10),
+                grace: Duration::ZERO,
+            },
+        ));
+    }
+
     // Settled: every acknowledged create recorded with its id, and containerd holds
-    // exactly the recorded containers (orphans removed), within the orphan bound.
+    // exactly the recorded containers (orphans removed), within the janitor's bound.
     let diff = Mutex::new(String::new());
     let settled = wait_until(
         "the store and containerd to agree",
         Duration::from_secs(90),
         || {
-            let (sandboxes, runtime, agent_uids, acked, diff) =
-                (&sandboxes, &runtime, &agent_uids, &acked, &diff);
+            let (sandboxes, runtime, agent_uids, acked, diff, janitors) =
+                (&sandboxes, &runtime, &agent_uids, &acked, &diff, &janitors);
             async move {
+                for j in janitors {
+                    j.scan_once().await?;
+                }
                 let objects = sandboxes.list(&ListParams::default()).await?.items;
                 let by_name: HashMap<String, &Sandbox> = objects
                     .iter()

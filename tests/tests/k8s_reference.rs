@@ -36,19 +36,15 @@ use anyhow::{Context, Result, bail, ensure};
 use containerd_client::services::v1::snapshots::{
     StatSnapshotRequest, snapshots_client::SnapshotsClient,
 };
-use fsb_agent::runtime::ContainerdRuntime;
 use fsb_controller::{
     crd::{PoolCapacity, RuntimeName, Sandbox, SandboxPhase, SandboxPool, SandboxPoolSpec},
     run::ControllerConfig,
 };
-use fsb_core::SandboxId;
-use fsb_janitor::{
-    ContainerFacts, Janitor, JanitorConfig, JanitorError, KubeCluster, NodeContainers,
-};
+use fsb_janitor::{Janitor, JanitorConfig, KubeCluster};
 use fsb_proto::fastpath::v1::{self as fp, fast_path_client::FastPathClient};
 use fsb_tests::{
     agent::container_runtime,
-    cluster::{ControllerUnderTest, install_crds, namespace, pool},
+    cluster::{AgentContainers, ControllerUnderTest, install_crds, namespace, pool},
     containerd::ContainerdEnv,
     k8s::{KubeApi, kube_client},
     kubelet::Kubelet,
@@ -779,29 +775,6 @@ async fn reference_recreate_graceful_delete_and_capacity_release() -> Result<()>
 }
 
 // ---- 8. a FAST create whose object admission rejects ---------------------------------
-
-/// The node's containers of one agent, for the janitor: the tests share one containerd,
-/// so a test's janitor judges its own agent's containers only.
-struct AgentContainers {
-    runtime: ContainerdRuntime,
-    agent: String,
-}
-
-impl NodeContainers for AgentContainers {
-    async fn list(&self) -> Result<Vec<ContainerFacts>, JanitorError> {
-        Ok(self
-            .runtime
-            .list(Some(&self.agent))
-            .await?
-            .iter()
-            .map(|o| ContainerFacts::from_labels(&o.id, &o.labels, o.created_at))
-            .collect())
-    }
-
-    async fn remove(&self, id: &SandboxId, grace: Duration) -> Result<bool, JanitorError> {
-        Ok(self.runtime.remove(id, grace).await?)
-    }
-}
 
 const DENY_LABEL: &str = "deny-record";
 
