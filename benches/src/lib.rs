@@ -24,6 +24,8 @@ pub fn bench_agent(i: usize) -> AgentReport {
             capacity: NonZeroU32::new(BENCH_CAPACITY).unwrap_or(NonZeroU32::MIN),
             images: vec![image(IMAGES[i % 4]), image(IMAGES[(i + 1) % 4])],
             healthy: true,
+            default_runtime: fsb_core::spec::Runtime::Runc,
+            warm: Vec::new(),
         },
         sandboxes: Vec::new(),
     }
@@ -40,6 +42,8 @@ pub fn bench_requests(n: usize) -> Vec<AllocateRequest> {
             image: ImageRef::parse("image", IMAGES[i % 4]).expect("static image reference"),
             ports: vec![HostPort::parse("port", 10_000 + (i % 1000) as u32).expect("in range")],
             digest: SpecDigest([7; 32]),
+            runtime: None,
+            claimable: false,
         })
         .collect()
 }

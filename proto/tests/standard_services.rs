@@ -93,6 +93,7 @@ fn create_request_carries_the_contract_fields() {
             total_us: 13,
             path: "cold".into(),
             note: String::new(),
+            started_unix_us: 0,
         }),
         ..Default::default()
     };

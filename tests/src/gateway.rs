@@ -111,6 +111,8 @@ impl GatewayParts {
                     capacity: std::num::NonZeroU32::new(capacity).context("capacity 0")?,
                     images: vec![],
                     healthy: true,
+                    default_runtime: fsb_core::spec::Runtime::Runc,
+                    warm: Vec::new(),
                 },
                 sandboxes: vec![],
             })
@@ -233,6 +235,8 @@ impl<S: SandboxStore> GatewayFixture<S> {
                     capacity: std::num::NonZeroU32::new(parts.capacity).context("capacity 0")?,
                     images: vec![],
                     healthy: true,
+                    default_runtime: fsb_core::spec::Runtime::Runc,
+                    warm: Vec::new(),
                 },
                 sandboxes: kept
                     .iter()

@@ -349,3 +349,79 @@ async fn named_image_users_are_looked_up_in_the_image() {
     );
     agent.delete(id, None).await.unwrap();
 }
+
+/// The agent's table and containerd agree after racing calls on one id: what the
+/// table lists is exactly what containerd holds for this agent.
+async fn assert_table_is_containerd(agent: &AgentHandle) {
+    let mut table: Vec<SandboxId> = agent
+        .inventory()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let mut held = agent.containers().await.unwrap();
+    table.sort();
+    held.sort();
+    assert_eq!(table, held, "the agent's table and containerd disagree");
+}
+
+#[actix_rt::test]
+async fn a_create_queued_behind_a_delete_of_its_id_is_refused_and_makes_nothing() {
+    let env = ContainerdEnv::from_env();
+    let agent = AgentHandle::start(cfg(&env, 4, "agent-race-a"))
+        .await
+        .unwrap();
+    let s = spec(&env, "raced", &["sleep", "600"], &[]);
+    let req = request(s.clone());
+    let id = req.id.clone();
+    agent.create(req).await.unwrap();
+
+    // Delete first, then a retried create of the same id, both queued before either
+    // runs (a controller's retry crossing a cleanup). Before the fix the create ran
+    // after the delete's stop: a new container the table no longer listed.
+    let again = CreateSandbox {
+        id: id.clone(),
+        ..request(s)
+    };
+    let (deleted, created) = tokio::join!(
+        agent.delete(id.clone(), Some(Duration::ZERO)),
+        agent.create(again)
+    );
+    deleted.unwrap();
+    let err = created.unwrap_err();
+    assert!(err.to_string().contains("being deleted"), "{err}");
+    assert!(!agent.containers().await.unwrap().contains(&id));
+    assert_table_is_containerd(&agent).await;
+}
+
+#[actix_rt::test]
+async fn a_failed_create_keeps_the_slot_of_a_retry_queued_behind_it() {
+    let env = ContainerdEnv::from_env();
+    let agent = AgentHandle::start(cfg(&env, 4, "agent-race-b"))
+        .await
+        .unwrap();
+    // The first attempt fails for good (no such executable); the retry of the same id,
+    // queued behind it, succeeds. Before the fix the failure freed the record while
+    // the retry went on to make a container: a container no table listed.
+    let bad = request(spec(&env, "retried", &["/no/such/binary"], &[]));
+    let id = bad.id.clone();
+    let good = CreateSandbox {
+        id: id.clone(),
+        ..request(spec(&env, "retried", &["sleep", "600"], &[]))
+    };
+    let (first, second) = tokio::join!(agent.create(bad), agent.create(good));
+    assert!(first.is_err(), "a missing executable must fail the create");
+    second.unwrap();
+    let rec = agent
+        .inventory()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == id)
+        .expect("the retry's sandbox is in the table");
+    assert_eq!(rec.phase, SandboxPhase::Running);
+    assert_table_is_containerd(&agent).await;
+    agent.delete(id, Some(Duration::ZERO)).await.unwrap();
+    assert_table_is_containerd(&agent).await;
+}

@@ -8,8 +8,8 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use actix::{
-    Actor, ActorFutureExt, Addr, Context, Handler, MessageResult, ResponseActFuture, Supervisor,
-    WrapFuture,
+    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, MessageResult, ResponseActFuture,
+    Supervisor, WrapFuture,
 };
 use fsb_core::{
     AgentId, HostPort, SandboxId,
@@ -23,15 +23,28 @@ use tokio::sync::broadcast;
 use crate::{
     error::AgentError,
     image::ImageStore,
-    msg::{Create, CreatedSandbox, Delete, Exited, Inventory, Resync, Start, Stop, Subscribe},
+    msg::{
+        Create, CreatedSandbox, Delete, Exited, Inventory, Resync, Start, StartHow, StartWarm,
+        Stop, Subscribe, WarmInstances,
+    },
     oci::NetworkMode,
     runtime::{ContainerdRuntime, ObservedSandbox, TaskState},
     sandbox::SandboxActor,
     state::{Admission, AgentState, PhaseChange, SandboxPhase, SandboxRecord},
+    warm::{self, WarmConfig, WarmKey, WarmState},
 };
 
 /// Container label listing a sandbox's ports, so admission survives agent restarts.
 pub const LABEL_PORTS: &str = "fast-sandbox.io/ports";
+/// Container label of an unclaimed warm instance: `<runtime>|<image>`. A claim removes
+/// it (and sets the sandbox's labels), so a restarted agent tells instances from
+/// sandboxes by it.
+pub const LABEL_WARM: &str = "fast-sandbox.io/warm";
+/// How often the warm levels are topped up (a claim also triggers a refill).
+const REFILL_INTERVAL: Duration = Duration::from_millis(250);
+/// After a failed instance start, refills pause this long (a missing image must not
+/// turn into a tight loop of failing creates).
+const REFILL_BACKOFF: Duration = Duration::from_secs(2);
 
 pub(crate) struct AgentActor {
     agent_id: AgentId,
@@ -42,6 +55,18 @@ pub(crate) struct AgentActor {
     default_runtime: Runtime,
     stop_grace: Duration,
     children: HashMap<SandboxId, Addr<SandboxActor>>,
+    /// Starts sent to a sandbox actor and not yet answered, by id: a failed start
+    /// frees the slot only if no other start of the same id is still queued behind it
+    /// (a retried create), or that one's container would have no record.
+    starts: HashMap<SandboxId, usize>,
+    /// Warm instances: ready ones are not sandboxes (not in `state`) until claimed.
+    warm: WarmState,
+    /// fsb-init on the host; `None` when nothing is kept warm.
+    warm_init: Option<std::path::PathBuf>,
+    refill_paused_until: Option<std::time::Instant>,
+    /// Unclaimed instances found at startup that cannot serve (not running, or no
+    /// longer wanted): removed once the actor runs.
+    discard: Vec<SandboxId>,
     changes: broadcast::Sender<PhaseChange>,
 }
 
@@ -62,12 +87,28 @@ pub(crate) struct AgentParts {
     pub(crate) default_runtime: Runtime,
     pub(crate) stop_grace: Duration,
     pub(crate) observed: Vec<ObservedSandbox>,
+    pub(crate) warm: WarmConfig,
 }
 
 impl AgentActor {
     pub(crate) fn new(parts: AgentParts) -> Self {
         let mut state = AgentState::new(parts.capacity);
-        state.recover(parts.observed.into_iter().map(record_of).collect());
+        let mut warm = WarmState::new(parts.warm.limits);
+        warm.set_targets(parts.warm.targets.iter().cloned());
+        let mut discard = Vec::new();
+        let mut sandboxes = Vec::new();
+        for o in parts.observed {
+            match warm_key_of(&o) {
+                None => sandboxes.push(record_of(o)),
+                Some(Some(key)) if o.state == TaskState::Running && warm.wanted(&key) => {
+                    warm.adopt(o.id, key);
+                }
+                Some(_) => discard.push(o.id),
+            }
+        }
+        // Adopted beyond the targets: removed too.
+        discard.extend(warm.surplus());
+        state.recover(sandboxes);
         let (changes, _) = broadcast::channel(1024);
         Self {
             agent_id: parts.agent_id,
@@ -78,6 +119,11 @@ impl AgentActor {
             default_runtime: parts.default_runtime,
             stop_grace: parts.stop_grace,
             children: HashMap::new(),
+            starts: HashMap::new(),
+            warm,
+            warm_init: parts.warm.init,
+            refill_paused_until: None,
+            discard,
             changes,
         }
     }
@@ -107,12 +153,92 @@ impl AgentActor {
 
 impl Actor for AgentActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        for id in std::mem::take(&mut self.discard) {
+            self.discard_instance(id, ctx);
+        }
+        if self.warm_init.is_some() {
+            ctx.run_interval(REFILL_INTERVAL, |act, ctx| act.refill(ctx));
+        }
+    }
+}
+
+impl AgentActor {
+    /// Start the instances the warm targets lack, within the refill limits.
+    fn refill(&mut self, ctx: &mut Context<Self>) {
+        let Some(init) = self.warm_init.clone() else {
+            return;
+        };
+        if self
+            .refill_paused_until
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return;
+        }
+        for (id, key) in self.warm.refills() {
+            let labels = HashMap::from([
+                (LABEL_AGENT_UID.to_owned(), self.agent_id.to_string()),
+                (LABEL_WARM.to_owned(), warm_label(&key)),
+            ]);
+            let msg = StartWarm {
+                key,
+                labels,
+                init: init.clone(),
+                network: self.network.clone(),
+            };
+            let child = self.child(&id);
+            ctx.spawn(async move { child.send(msg).await }.into_actor(self).map(
+                move |sent, act, ctx| match sent {
+                    Ok(Ok(_pid)) => {
+                        if !act.warm.started(&id) {
+                            act.discard_instance(id, ctx);
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(instance = %id, error = %e, "starting a warm instance failed");
+                        act.warm.failed(&id);
+                        act.children.remove(&id);
+                        act.refill_paused_until =
+                            Some(std::time::Instant::now() + REFILL_BACKOFF);
+                    }
+                    Err(_) => {
+                        act.warm.failed(&id);
+                        act.children.remove(&id);
+                    }
+                },
+            ));
+        }
+    }
+
+    /// Remove an instance that will not be claimed (exited, surplus, unusable).
+    fn discard_instance(&mut self, id: SandboxId, ctx: &mut Context<Self>) {
+        let child = self.child(&id);
+        ctx.spawn(
+            async move {
+                child
+                    .send(Stop {
+                        grace: Duration::ZERO,
+                    })
+                    .await
+            }
+            .into_actor(self)
+            .map(move |sent, act, _ctx| {
+                if !matches!(sent, Ok(Ok(_))) {
+                    tracing::warn!(instance = %id, "removing a warm instance failed");
+                }
+                if act.state.get(&id).is_none() {
+                    act.children.remove(&id);
+                }
+            }),
+        );
+    }
 }
 
 impl Handler<Create> for AgentActor {
     type Result = ResponseActFuture<Self, Result<CreatedSandbox, AgentError>>;
 
-    fn handle(&mut self, msg: Create, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Create, ctx: &mut Self::Context) -> Self::Result {
         let req = msg.0;
         let record = SandboxRecord {
             id: req.id.clone(),
@@ -127,7 +253,16 @@ impl Handler<Create> for AgentActor {
             pid: 0,
         };
         match self.state.admit(record) {
-            Admission::Admitted | Admission::AlreadyPresent(_) => {}
+            Admission::Admitted => {}
+            // A create of an id being deleted would run after the delete's stop and
+            // make a container the delete then forgets: refused, the caller retries.
+            Admission::AlreadyPresent(rec) if rec.phase == SandboxPhase::Deleting => {
+                return Box::pin(actix::fut::ready(Err(AgentError::Unavailable(format!(
+                    "sandbox {} is being deleted",
+                    rec.id
+                )))));
+            }
+            Admission::AlreadyPresent(_) => {}
             Admission::Full { used } => {
                 return Box::pin(actix::fut::ready(Err(AgentError::Exhausted(format!(
                     "{used} of {} slots in use",
@@ -164,16 +299,30 @@ impl Handler<Create> for AgentActor {
             req.name.clone()
         };
         let runtime = req.spec.runtime.unwrap_or(self.default_runtime);
+        let how = self.start_how(&req.id, &req.spec, runtime);
+        if how == StartHow::Claim {
+            // Replace what was taken.
+            ctx.notify(RefillNow);
+        }
         let start = Start {
             spec: req.spec,
             runtime,
             labels,
             hostname,
+            how,
         };
         let child = self.child(&req.id);
         let id = req.id;
+        *self.starts.entry(id.clone()).or_default() += 1;
         Box::pin(async move { child.send(start).await }.into_actor(self).map(
-            move |sent, act, _ctx| {
+            move |sent, act, ctx| {
+                let queued = act.starts.get_mut(&id).map_or(0, |n| {
+                    *n -= 1;
+                    *n
+                });
+                if queued == 0 {
+                    act.starts.remove(&id);
+                }
                 let result =
                     sent.map_err(|_| AgentError::Internal(format!("sandbox actor {id} stopped")))?;
                 match result {
@@ -181,6 +330,14 @@ impl Handler<Create> for AgentActor {
                         let change = act.state.created(&id, created.pid);
                         act.publish(change);
                         Ok(created)
+                    }
+                    // Another start of this id runs next and settles the record.
+                    Err(e) if queued > 0 => Err(e),
+                    Err(e) if e.is_ambiguous() || e.is_already_exists() => {
+                        // containerd may hold (or finish making) a container under
+                        // this id: the slot stays held until a removal proves it gone.
+                        act.settle_failed_create(&id, ctx);
+                        Err(e)
                     }
                     Err(e) => {
                         // The runtime removed what it made; the slot is free again.
@@ -194,12 +351,115 @@ impl Handler<Create> for AgentActor {
     }
 }
 
+impl AgentActor {
+    /// After a create whose outcome containerd left open: mark the sandbox Deleting
+    /// (so inventories show it and no create reuses the id), wait for containerd to
+    /// finish whatever it was still doing, then remove it through its sandbox actor.
+    /// If that fails too the record stays Deleting and the next delete retries.
+    fn settle_failed_create(&mut self, id: &SandboxId, ctx: &mut Context<Self>) {
+        if !self.state.begin_delete(id) {
+            return;
+        }
+        self.publish(Some(PhaseChange {
+            id: id.clone(),
+            phase: SandboxPhase::Deleting,
+            exit_code: None,
+        }));
+        let settle = self.runtime.containerd().config().call_timeout;
+        let child = self.child(id);
+        let id = id.clone();
+        ctx.spawn(
+            async move {
+                tokio::time::sleep(settle).await;
+                child
+                    .send(Stop {
+                        grace: Duration::ZERO,
+                    })
+                    .await
+            }
+            .into_actor(self)
+            .map(move |sent, act, _ctx| match sent {
+                // Unless a delete finished first and a new create reused the id.
+                Ok(Ok(_))
+                    if act.state.get(&id).map(|r| r.phase) == Some(SandboxPhase::Deleting) =>
+                {
+                    act.state.deleted(&id);
+                    act.children.remove(&id);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(sandbox = %id, error = %e, "removing after a failed create");
+                }
+                Err(_) => tracing::warn!(sandbox = %id, "sandbox actor stopped"),
+            }),
+        );
+    }
+}
+
+impl AgentActor {
+    /// Warm or cold, and why. The registry names the instance it assigned by making it
+    /// the sandbox id; an instance that cannot serve this spec is replaced by a cold
+    /// create under its id.
+    fn start_how(
+        &mut self,
+        id: &SandboxId,
+        spec: &fsb_core::spec::ValidSpec,
+        runtime: fsb_core::spec::Runtime,
+    ) -> StartHow {
+        let wanted = WarmKey {
+            image: spec.image.clone(),
+            runtime,
+        };
+        let usable = warm::claimable(spec, runtime);
+        match self.warm.claim_id(id) {
+            Some(key) if key == wanted && usable.is_ok() => StartHow::Claim,
+            Some(_) => StartHow::Replace(match usable {
+                Err(reason) => reason.as_str().to_owned(),
+                Ok(()) => "cold: the assigned warm instance is of another image or runtime".into(),
+            }),
+            None if self.warm.wanted(&wanted) => StartHow::Cold(match usable {
+                Err(reason) => reason.as_str().to_owned(),
+                Ok(()) => warm::ColdReason::NoInstance.as_str().to_owned(),
+            }),
+            None => StartHow::Cold(String::new()),
+        }
+    }
+}
+
+/// Top the warm levels up now (after a claim).
+#[derive(Debug, actix::Message)]
+#[rtype(result = "()")]
+struct RefillNow;
+
+impl Handler<RefillNow> for AgentActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: RefillNow, ctx: &mut Self::Context) {
+        self.refill(ctx);
+    }
+}
+
+impl Handler<WarmInstances> for AgentActor {
+    type Result = MessageResult<WarmInstances>;
+
+    fn handle(&mut self, _msg: WarmInstances, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.warm
+                .ready()
+                .map(|(k, id)| (k.clone(), id.clone()))
+                .collect(),
+        )
+    }
+}
+
 impl Handler<Delete> for AgentActor {
     type Result = ResponseActFuture<Self, Result<(), AgentError>>;
 
     fn handle(&mut self, msg: Delete, _ctx: &mut Self::Context) -> Self::Result {
         let id = msg.id;
         if !self.state.begin_delete(&id) {
+            // An instance the registry assigned to a create that never reached us.
+            self.warm.lost(&id);
             // Not in our table, but containerd may still hold it: a create sent by a
             // previous agent process that containerd finished after we listed. Delete
             // removes whatever containerd has under the id; NotFound only if nothing.
@@ -240,7 +500,12 @@ impl Handler<Delete> for AgentActor {
 impl Handler<Exited> for AgentActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Exited, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Exited, ctx: &mut Self::Context) {
+        if self.warm.lost(&msg.id) {
+            // An unclaimed instance died: remove it; the refill replaces it.
+            self.discard_instance(msg.id, ctx);
+            return;
+        }
         let change = self.state.exited_pid(&msg.id, msg.pid, msg.exit_code);
         self.publish(change);
     }
@@ -249,11 +514,21 @@ impl Handler<Exited> for AgentActor {
 impl Handler<Resync> for AgentActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Resync, _ctx: &mut Self::Context) {
-        for change in self
-            .state
-            .recover(msg.0.into_iter().map(record_of).collect())
-        {
+    fn handle(&mut self, msg: Resync, ctx: &mut Self::Context) {
+        let mut sandboxes = Vec::new();
+        for o in msg.0 {
+            match warm_key_of(&o) {
+                None => sandboxes.push(record_of(o)),
+                // An instance that stopped while containerd was away.
+                Some(_) if o.state != TaskState::Running => {
+                    if self.warm.lost(&o.id) {
+                        self.discard_instance(o.id, ctx);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        for change in self.state.recover(sandboxes) {
             self.publish(Some(change));
         }
     }
@@ -273,6 +548,23 @@ impl Handler<Subscribe> for AgentActor {
     fn handle(&mut self, _msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(self.changes.subscribe())
     }
+}
+
+/// `Some` for an unclaimed warm instance (with its key, if the label parses).
+pub(crate) fn warm_key_of(o: &ObservedSandbox) -> Option<Option<WarmKey>> {
+    let label = o.labels.get(LABEL_WARM).filter(|v| !v.is_empty())?;
+    let key = label.split_once('|').and_then(|(runtime, image)| {
+        Some(WarmKey {
+            runtime: fsb_core::spec::Runtime::parse("runtime", runtime).ok()?,
+            image: fsb_core::ImageRef::parse("image", image).ok()?,
+        })
+    });
+    Some(key)
+}
+
+/// The [`LABEL_WARM`] value of `key`.
+fn warm_label(key: &WarmKey) -> String {
+    format!("{}|{}", key.runtime.as_str(), key.image)
 }
 
 /// What containerd says about one of our containers, as a record.

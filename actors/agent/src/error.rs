@@ -84,6 +84,12 @@ impl AgentError {
         )
     }
 
+    /// Whether containerd may have done the operation anyway: a deadline or a lost
+    /// connection says nothing about what happened on containerd's side.
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, Self::Timeout { .. } | Self::Unavailable(_))
+    }
+
     /// Whether this is containerd's AlreadyExists.
     pub fn is_already_exists(&self) -> bool {
         matches!(

@@ -11,10 +11,11 @@ use crate::{
     containerd::{Containerd, ContainerdConfig},
     error::AgentError,
     image::{ImageStore, RegistryOptions},
-    msg::{Create, CreateSandbox, CreatedSandbox, Delete, Inventory, Subscribe},
+    msg::{Create, CreateSandbox, CreatedSandbox, Delete, Inventory, Subscribe, WarmInstances},
     oci::NetworkMode,
     runtime::ContainerdRuntime,
     state::{PhaseChange, SandboxRecord},
+    warm::{WarmConfig, WarmKey},
 };
 
 /// Default time between SIGTERM and SIGKILL.
@@ -44,6 +45,8 @@ pub struct AgentConfig {
     pub log_max_bytes: u64,
     /// How long a deleted sandbox's logs are kept (zero: removed with it).
     pub log_retention: Duration,
+    /// Warm instances to keep ready.
+    pub warm: WarmConfig,
 }
 
 /// Default bound of a sandbox log file.
@@ -69,6 +72,20 @@ impl AgentHandle {
         let runtime = ContainerdRuntime::new(cd.clone(), config.log_dir.clone())
             .with_log_retention(config.log_retention);
         let images = Arc::new(ImageStore::new(cd, &config.registry)?);
+        let mut warm = config.warm;
+        if warm.targets.iter().any(|(_, n)| *n > 0) {
+            let Some(init) = &warm.init else {
+                return Err(AgentError::InvalidArgument(
+                    "warm: keeping instances warm needs the fsb-init binary (--init-binary)".into(),
+                ));
+            };
+            // The same rules as any injected file: a real regular file, symlinks resolved.
+            let dir = init.parent().unwrap_or(std::path::Path::new("/"));
+            let policy = crate::inject::InjectionPolicy::new([dir])?;
+            warm.init = Some(policy.resolve(init, crate::sandbox::INIT_PATH)?.source);
+        } else {
+            warm.init = None;
+        }
         let observed = runtime.list(Some(config.agent_id.as_str())).await?;
         let agent_id = config.agent_id.clone();
         let actor = AgentActor::new(AgentParts {
@@ -80,6 +97,7 @@ impl AgentHandle {
             default_runtime: config.default_runtime,
             stop_grace: config.stop_grace,
             observed,
+            warm,
         });
         let addr = actor.start();
         spawn_exit_watch(addr.clone(), runtime.clone(), agent_id.clone());
@@ -116,16 +134,24 @@ impl AgentHandle {
         self.addr.send(Subscribe).await.map_err(stopped)
     }
 
-    /// Ids of every container of this agent in containerd, straight from containerd
-    /// (not the agent's table): finds containers the table does not know.
+    /// Ids of every sandbox container of this agent in containerd, straight from
+    /// containerd (not the agent's table): finds containers the table does not know.
+    /// Unclaimed warm instances are the agent's own, not sandboxes, and are left out.
     pub async fn containers(&self) -> Result<Vec<SandboxId>, AgentError> {
         Ok(self
             .runtime
             .list(Some(self.agent_id.as_str()))
             .await?
             .into_iter()
+            .filter(|o| crate::actor::warm_key_of(o).is_none())
             .map(|o| o.id)
             .collect())
+    }
+
+    /// Ready warm instances (key, id), oldest first per key: what reports offer the
+    /// registry.
+    pub async fn warm_instances(&self) -> Result<Vec<(WarmKey, SandboxId)>, AgentError> {
+        self.addr.send(WarmInstances).await.map_err(stopped)
     }
 
     /// The image store (load, pull, list).

@@ -59,7 +59,7 @@ pub mod state;
 pub mod stats;
 pub mod warm;
 
-pub use actor::LABEL_PORTS;
+pub use actor::{LABEL_PORTS, LABEL_WARM};
 pub use error::AgentError;
 pub use handle::{
     AgentConfig, AgentHandle, DEFAULT_LOG_MAX_BYTES, DEFAULT_STOP_GRACE, LOG_CHECK_INTERVAL,

@@ -10,6 +10,7 @@ use crate::{
     error::AgentError,
     runtime::ObservedSandbox,
     state::{PhaseChange, SandboxRecord},
+    warm::WarmKey,
 };
 
 /// What the controller (or `fsb up`) asks the agent to run.
@@ -36,8 +37,16 @@ pub struct CreatedSandbox {
     pub id: SandboxId,
     /// Host pid of its init process.
     pub pid: u32,
-    /// (stage, time) in order: image, spec, snapshot, container, task, start.
+    /// (stage, time) in order: image, spec, snapshot, container, task, start for a
+    /// cold create; claim, limits, handover for a warm one.
     pub stages: Vec<(&'static str, Duration)>,
+    /// Whether a warm instance was claimed.
+    pub warm: bool,
+    /// Why a create that could have been warm went cold (empty otherwise).
+    pub note: String,
+    /// When the user process started (unix microseconds, fsb-init's report); 0 for
+    /// a cold create, whose process starts with the task.
+    pub started_unix_us: u64,
 }
 
 #[derive(Debug, Message)]
@@ -72,6 +81,11 @@ pub(crate) struct Inventory;
 #[rtype(result = "broadcast::Receiver<PhaseChange>")]
 pub(crate) struct Subscribe;
 
+/// The ready warm instances, for reports.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<(WarmKey, SandboxId)>")]
+pub(crate) struct WarmInstances;
+
 /// To a SandboxActor: create and start (idempotent: a repeat returns the first result).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<CreatedSandbox, AgentError>")]
@@ -80,6 +94,29 @@ pub(crate) struct Start {
     pub(crate) runtime: Runtime,
     pub(crate) labels: HashMap<String, String>,
     pub(crate) hostname: String,
+    pub(crate) how: StartHow,
+}
+
+/// How a [`Start`] gets its container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StartHow {
+    /// Create one (the note says why it is not warm, if it could have been).
+    Cold(String),
+    /// Hand the process to the warm instance under this id; cold if that fails.
+    Claim,
+    /// The warm instance under this id cannot serve the spec: remove it, then cold.
+    Replace(String),
+}
+
+/// To a SandboxActor: create and start a warm instance (fsb-init waiting for its
+/// process).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u32, AgentError>")]
+pub(crate) struct StartWarm {
+    pub(crate) key: WarmKey,
+    pub(crate) labels: HashMap<String, String>,
+    pub(crate) init: std::path::PathBuf,
+    pub(crate) network: crate::oci::NetworkMode,
 }
 
 /// To a SandboxActor: stop and remove everything.

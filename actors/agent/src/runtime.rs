@@ -18,7 +18,8 @@ use containerd_client::{
     services::v1::{
         Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
         DeleteTaskRequest, GetRequest as GetTaskRequest, KillRequest, ListContainersRequest,
-        PublishRequest, StartRequest, SubscribeRequest, UpdateTaskRequest, WaitRequest,
+        PublishRequest, StartRequest, SubscribeRequest, UpdateContainerRequest, UpdateTaskRequest,
+        WaitRequest,
         containers_client::ContainersClient,
         events_client::EventsClient,
         snapshots::{
@@ -261,6 +262,36 @@ impl ContainerdRuntime {
             .call(
                 "update task",
                 TasksClient::new(self.cd.channel()).update(self.cd.request(req)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Set (or, with an empty value, remove) labels of a container: a claimed warm
+    /// instance gets the labels of the sandbox it became, so a restarted agent and the
+    /// janitor read it as that sandbox.
+    pub async fn set_labels(
+        &self,
+        id: &SandboxId,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), AgentError> {
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        let req = UpdateContainerRequest {
+            container: Some(Container {
+                id: id.as_str().to_owned(),
+                labels: labels
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        };
+        self.cd
+            .call(
+                "update container",
+                ContainersClient::new(self.cd.channel()).update(self.cd.request(req)),
             )
             .await?;
         Ok(())

@@ -13,13 +13,32 @@ use actix::{
 };
 use fsb_core::SandboxId;
 
+use std::time::Duration;
+
+use fsb_core::spec::{SandboxSpec, SpecLimits};
+
 use crate::{
     error::AgentError,
     image::ImageStore,
-    msg::{CreatedSandbox, Start, Stop},
+    inject::InjectedMount,
+    msg::{CreatedSandbox, Start, StartHow, StartWarm, Stop},
     oci::{self, ImageConfig, NetworkMode, SpecInput},
     runtime::{ContainerPlan, ContainerdRuntime},
+    warm,
 };
+
+/// A started warm instance: its image's config and user, and fsb-init's host pid.
+#[derive(Debug)]
+struct WarmReady {
+    config: ImageConfig,
+    user: (u32, u32),
+    pid: u32,
+}
+
+/// Where fsb-init is mounted in a warm instance.
+pub(crate) const INIT_PATH: &str = "/.fsb/init";
+/// How long a claimed instance has to report its process started.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct SandboxActor {
     id: SandboxId,
@@ -27,6 +46,8 @@ pub(crate) struct SandboxActor {
     images: Arc<ImageStore>,
     network: NetworkMode,
     started: Option<CreatedSandbox>,
+    /// A warm instance made by this actor, ready: a claim needs no image lookup.
+    warm: Option<WarmReady>,
 }
 
 impl std::fmt::Debug for SandboxActor {
@@ -50,6 +71,7 @@ impl SandboxActor {
             images,
             network,
             started: None,
+            warm: None,
         }
     }
 }
@@ -65,6 +87,7 @@ impl Supervised for SandboxActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         tracing::warn!(sandbox = %self.id, "sandbox actor restarting after a failed stop");
         self.started = None;
+        self.warm = None;
     }
 }
 
@@ -82,12 +105,48 @@ impl Handler<Start> for SandboxActor {
             self.images.clone(),
             self.network.clone(),
         );
-        let work = async move { start(id, runtime, &images, network, msg).await };
+        let warm = self.warm.take();
+        let work = async move {
+            match msg.how.clone() {
+                StartHow::Cold(note) => start(id, runtime, &images, network, msg, note).await,
+                StartHow::Replace(note) => {
+                    runtime.remove(&id, Duration::ZERO).await?;
+                    start(id, runtime, &images, network, msg, note).await
+                }
+                StartHow::Claim => match claim(&id, &runtime, &images, warm, &msg).await {
+                    Ok(done) => Ok(done),
+                    Err(e) => {
+                        // A spent or broken instance: replace it by a cold create under
+                        // the same id, so the caller still gets its sandbox.
+                        tracing::warn!(sandbox = %id, error = %e, "warm claim failed; creating cold");
+                        runtime.remove(&id, Duration::ZERO).await?;
+                        let note = format!("cold: warm claim failed: {e}");
+                        start(id, runtime, &images, network, msg, note).await
+                    }
+                },
+            }
+        };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(|result, act, _ctx| {
             if let Ok(done) = &result {
                 act.started = Some(done.clone());
             }
             result
+        })))
+    }
+}
+
+impl Handler<StartWarm> for SandboxActor {
+    type Result = AtomicResponse<Self, Result<u32, AgentError>>;
+
+    fn handle(&mut self, msg: StartWarm, _ctx: &mut Self::Context) -> Self::Result {
+        let (id, runtime, images) = (self.id.clone(), self.runtime.clone(), self.images.clone());
+        let work = async move { start_warm(&id, &runtime, &images, msg).await };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|result, act, _ctx| {
+            result.map(|ready| {
+                let pid = ready.pid;
+                act.warm = Some(ready);
+                pid
+            })
         })))
     }
 }
@@ -115,23 +174,14 @@ async fn start(
     images: &ImageStore,
     network: NetworkMode,
     msg: Start,
+    note: String,
 ) -> Result<CreatedSandbox, AgentError> {
     let t = Instant::now();
     let image = images.resolve(&msg.spec.image).await?;
     let image_time = t.elapsed();
 
     let t = Instant::now();
-    let config = ImageConfig::from_oci_config_json(&image.config_json)?;
-    // Numeric users (and root) resolve alone; names need the image's passwd and group.
-    let user = match oci::resolve_user(&config.user, None, None) {
-        Ok(user) => user,
-        Err(_) => {
-            let files = runtime
-                .read_image_files(&image.chain_id, &["etc/passwd", "etc/group"])
-                .await?;
-            oci::resolve_user(&config.user, files[0].as_deref(), files[1].as_deref())?
-        }
-    };
+    let (config, user) = image_user(&runtime, &image).await?;
     let spec = oci::build_spec(&SpecInput {
         sandbox_id: &id,
         spec: &msg.spec,
@@ -158,6 +208,7 @@ async fn start(
         warm: false,
     };
     let started = runtime.create(&plan).await?;
+    let started_unix_us = unix_us_now();
     let t = started.timings;
     Ok(CreatedSandbox {
         id,
@@ -170,5 +221,138 @@ async fn start(
             ("task", t.task),
             ("start", t.start),
         ],
+        warm: false,
+        note,
+        started_unix_us,
     })
+}
+
+/// The image's config and its user as uid/gid. Numeric users (and root) resolve
+/// alone; names need the image's passwd and group.
+async fn image_user(
+    runtime: &ContainerdRuntime,
+    image: &crate::image::ResolvedImage,
+) -> Result<(ImageConfig, (u32, u32)), AgentError> {
+    let config = ImageConfig::from_oci_config_json(&image.config_json)?;
+    let user = match oci::resolve_user(&config.user, None, None) {
+        Ok(user) => user,
+        Err(_) => {
+            let files = runtime
+                .read_image_files(&image.chain_id, &["etc/passwd", "etc/group"])
+                .await?;
+            oci::resolve_user(&config.user, files[0].as_deref(), files[1].as_deref())?
+        }
+    };
+    Ok((config, user))
+}
+
+/// Create and start a warm instance of `msg.key`: the image's root filesystem with
+/// fsb-init (mounted read-only) as PID 1, root, waiting on its stdin FIFO for the
+/// process. No resource limits beyond the defaults: a claim sets the create's own.
+async fn start_warm(
+    id: &SandboxId,
+    runtime: &ContainerdRuntime,
+    images: &ImageStore,
+    msg: StartWarm,
+) -> Result<WarmReady, AgentError> {
+    let image = images.resolve(&msg.key.image).await?;
+    let (config, user) = image_user(runtime, &image).await?;
+    let spec = SandboxSpec {
+        namespace: "warm".into(),
+        pool_ref: "warm".into(),
+        image: msg.key.image.to_string(),
+        command: vec![INIT_PATH.into()],
+        ..SandboxSpec::default()
+    }
+    .validate(&SpecLimits::default())
+    .map_err(|e| AgentError::Internal(format!("warm instance spec: {e}")))?;
+    let oci_spec = oci::build_spec(&SpecInput {
+        sandbox_id: id,
+        spec: &spec,
+        image: &config,
+        runtime: msg.key.runtime,
+        network: msg.network,
+        cgroups_path: format!("/fast-sandbox/{id}"),
+        hostname: id.as_str()[..12].to_owned(),
+        user: (0, 0),
+        mounts: vec![InjectedMount {
+            source: msg.init,
+            destination: INIT_PATH.into(),
+        }],
+        read_only_rootfs: false,
+    })?;
+    let plan = ContainerPlan {
+        id: id.clone(),
+        image: image.name.clone(),
+        parent_snapshot: image.chain_id.clone(),
+        labels: msg.labels,
+        runtime: msg.key.runtime,
+        spec_json: serde_json::to_vec(&oci_spec)
+            .map_err(|e| AgentError::Internal(format!("encoding OCI spec: {e}")))?,
+        warm: true,
+    };
+    let started = runtime.create(&plan).await?;
+    Ok(WarmReady {
+        config,
+        user,
+        pid: started.pid,
+    })
+}
+
+/// Hand the create's process to the warm instance `id`: its limits (task update),
+/// then the process spec to fsb-init and the sandbox's labels onto the container, at
+/// once. Done when fsb-init reports the process started.
+async fn claim(
+    id: &SandboxId,
+    runtime: &ContainerdRuntime,
+    images: &ImageStore,
+    warm: Option<WarmReady>,
+    msg: &Start,
+) -> Result<CreatedSandbox, AgentError> {
+    let t = Instant::now();
+    let (config, user, pid) = match warm {
+        Some(w) => (w.config, w.user, w.pid),
+        // Adopted after an agent restart: look the image up again (pid unknown, 0).
+        None => {
+            let (config, user) =
+                image_user(runtime, &images.resolve(&msg.spec.image).await?).await?;
+            (config, user, 0)
+        }
+    };
+    let process = warm::init_spec(&msg.spec, &config, user)?;
+    let claim_time = t.elapsed();
+
+    let t = Instant::now();
+    if msg.spec.limited() {
+        runtime.update_limits(id, &oci::limits(&msg.spec)?).await?;
+    }
+    let limits_time = t.elapsed();
+
+    let t = Instant::now();
+    let mut labels = msg.labels.clone();
+    labels.insert(crate::actor::LABEL_WARM.to_owned(), String::new());
+    let (report, labelled) = tokio::join!(
+        runtime.hand_over(id, &process, HANDOVER_TIMEOUT),
+        runtime.set_labels(id, &labels)
+    );
+    let report = report?;
+    labelled?;
+    Ok(CreatedSandbox {
+        id: id.clone(),
+        pid,
+        stages: vec![
+            ("claim", claim_time),
+            ("limits", limits_time),
+            ("handover", t.elapsed()),
+        ],
+        warm: true,
+        note: String::new(),
+        started_unix_us: report.unix_us,
+    })
+}
+
+fn unix_us_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }

@@ -12,7 +12,8 @@ use fsb_core::{
 use fsb_proto::{
     agent::v1::{
         CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
-        ExecRequest, LogsRequest, SandboxStats, StatsRequest, StatsResponse, agent_server::Agent,
+        ExecRequest, ListContainersRequest, ListContainersResponse, LogsRequest, SandboxStats,
+        StatsRequest, StatsResponse, agent_server::Agent,
     },
     fastpath::v1::{self as fp, ExecResponse, LogChunk},
 };
@@ -288,8 +289,9 @@ impl Agent for AgentService {
             timeline: Some(fp::Timeline {
                 stages,
                 total_us: micros(offset),
-                path: "cold".into(),
-                note: String::new(),
+                path: if created.warm { "warm" } else { "cold" }.into(),
+                note: created.note.clone(),
+                started_unix_us: created.started_unix_us,
             }),
             pid: created.pid,
         }))
@@ -333,6 +335,16 @@ impl Agent for AgentService {
         self.logs_stream(request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn list_containers(
+        &self,
+        _request: Request<ListContainersRequest>,
+    ) -> Result<Response<ListContainersResponse>, Status> {
+        let ids = self.agent.containers().await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListContainersResponse {
+            sandbox_ids: ids.iter().map(ToString::to_string).collect(),
+        }))
     }
 
     async fn stats(

@@ -35,14 +35,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use fsb_core::SandboxId;
+use fsb_core::{SandboxId, spec::Runtime};
 use fsb_proto::{
     agent::v1::{
         AgentMessage, ControllerMessage, Heartbeat, ImageInfo, Inventory, Register, SandboxEvent,
-        SandboxInfo, agent_control_client::AgentControlClient, agent_message::Msg as Out,
-        controller_message::Msg as In,
+        SandboxInfo, WarmCount, agent_control_client::AgentControlClient,
+        agent_message::Msg as Out, controller_message::Msg as In,
     },
-    fastpath::v1::Phase,
+    fastpath::v1::{self as fp, Phase},
 };
 use tokio::{
     sync::{broadcast, mpsc},
@@ -51,8 +51,10 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{AgentHandle, PhaseChange, SandboxPhase, SandboxRecord};
+use crate::{AgentHandle, PhaseChange, SandboxPhase, SandboxRecord, warm::WarmKey};
 
+/// How often the warm instances are compared with the last inventory's.
+const WARM_CHECK: Duration = Duration::from_millis(250);
 /// Least time between two inventories sent because of phase changes.
 pub const INVENTORY_MIN_GAP: Duration = Duration::from_millis(100);
 /// First reconnect delay; doubles up to `reconnect_backoff_max`.
@@ -208,6 +210,8 @@ struct InventoryState {
     last_sent: Option<Instant>,
     /// When the pending, coalesced inventory is due.
     due: Option<Instant>,
+    /// Warm instance ids in the last inventory sent.
+    sent_warm: BTreeSet<SandboxId>,
 }
 
 impl Session<'_> {
@@ -254,6 +258,10 @@ impl Session<'_> {
             period,
         );
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        // Warm levels change without phase changes (refills): looked at this often,
+        // and an inventory goes out when the ready set changed.
+        let mut warm_check = tokio::time::interval(WARM_CHECK);
+        warm_check.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut seq: u64 = 0;
         loop {
             let due = inv.due;
@@ -289,6 +297,18 @@ impl Session<'_> {
                         return Err(crate::AgentError::Unavailable("agent actor stopped".into()).into());
                     }
                 },
+                _ = warm_check.tick() => {
+                    let ready: BTreeSet<SandboxId> = self
+                        .agent
+                        .warm_instances()
+                        .await?
+                        .into_iter()
+                        .map(|(_, id)| id)
+                        .collect();
+                    if ready != inv.sent_warm {
+                        inv.schedule();
+                    }
+                }
                 _ = sleep_until_opt(due), if due.is_some() => {
                     self.send_inventory(&out, &mut inv).await?;
                 }
@@ -341,15 +361,42 @@ impl Session<'_> {
         }
         inv.sent_ids = held.iter().map(|r| r.id.clone()).collect();
         let sandboxes = held.iter().map(sandbox_info).collect();
+        let ready = self.agent.warm_instances().await?;
+        inv.sent_warm = ready.iter().map(|(_, id)| id.clone()).collect();
         out.send(Out::Inventory(Inventory {
             images,
             sandboxes,
-            warm: Vec::new(),
+            warm: warm_counts(&ready),
         }))
         .await?;
         inv.last_sent = Some(Instant::now());
         inv.due = None;
         Ok(())
+    }
+}
+
+/// Ready warm instances grouped by image and runtime, ids oldest first.
+fn warm_counts(ready: &[(WarmKey, SandboxId)]) -> Vec<WarmCount> {
+    let mut by_key: std::collections::BTreeMap<&WarmKey, Vec<String>> = Default::default();
+    for (key, id) in ready {
+        by_key.entry(key).or_default().push(id.to_string());
+    }
+    by_key
+        .into_iter()
+        .map(|(key, ids)| WarmCount {
+            image: key.image.to_string(),
+            runtime: runtime_proto(key.runtime) as i32,
+            ready: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+            sandbox_ids: ids,
+        })
+        .collect()
+}
+
+fn runtime_proto(r: Runtime) -> fp::Runtime {
+    match r {
+        Runtime::Runc => fp::Runtime::Runc,
+        Runtime::Crun => fp::Runtime::Crun,
+        Runtime::Gvisor => fp::Runtime::Gvisor,
     }
 }
 

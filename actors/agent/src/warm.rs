@@ -58,11 +58,11 @@ pub fn key_of(spec: &ValidSpec, default: Runtime) -> WarmKey {
 /// a task update ([`crate::runtime::ContainerdRuntime::update_limits`]) on runc and
 /// crun (tested); under gVisor a create with limits goes cold.
 pub fn claimable(spec: &ValidSpec, runtime: Runtime) -> Result<(), ColdReason> {
-    let limited = spec.cpu.is_some() || spec.memory.is_some() || spec.pids.is_some();
-    if limited && runtime == Runtime::Gvisor {
-        return Err(ColdReason::Limits);
+    if spec.warm_claimable(Some(runtime)) {
+        Ok(())
+    } else {
+        Err(ColdReason::Limits)
     }
-    Ok(())
 }
 
 /// The process a claimed instance runs: the same argv, environment and working
@@ -120,6 +120,41 @@ impl Default for WarmLimits {
     }
 }
 
+/// What an agent keeps warm.
+#[derive(Clone, Debug, Default)]
+pub struct WarmConfig {
+    /// Instances to keep ready, per image and runtime.
+    pub targets: Vec<(WarmKey, usize)>,
+    /// Refill limits.
+    pub limits: WarmLimits,
+    /// The static fsb-init on the host, mounted read-only as each instance's PID 1
+    /// (checked by the injection rules at start). Required when any target is set.
+    pub init: Option<std::path::PathBuf>,
+}
+
+impl WarmConfig {
+    /// Parse `IMAGE=N` or `IMAGE=N:RUNTIME` (the `--warm` flag; `default` when no
+    /// runtime is named). Image references never contain `=`, so the last one splits.
+    pub fn parse_target(s: &str, default: Runtime) -> Result<(WarmKey, usize), AgentError> {
+        let bad = |why: &str| AgentError::InvalidArgument(format!("warm: {s:?}: {why}"));
+        let (image, rest) = s
+            .rsplit_once('=')
+            .ok_or_else(|| bad("expected IMAGE=N or IMAGE=N:RUNTIME"))?;
+        let (count, runtime) = match rest.split_once(':') {
+            Some((n, r)) => (
+                n,
+                Runtime::parse("runtime", r).map_err(|e| bad(&e.to_string()))?,
+            ),
+            None => (rest, default),
+        };
+        let count = count
+            .parse::<usize>()
+            .map_err(|_| bad("the count must be a non-negative integer"))?;
+        let image = ImageRef::parse("image", image).map_err(|e| bad(&e.to_string()))?;
+        Ok((WarmKey { image, runtime }, count))
+    }
+}
+
 /// Ready and wanted instances of one key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WarmLevel {
@@ -163,6 +198,26 @@ impl WarmState {
     /// on and never offered again.
     pub fn claim(&mut self, key: &WarmKey) -> Option<SandboxId> {
         self.ready.get_mut(key)?.pop_front()
+    }
+
+    /// Take the ready instance `id` if it is one: its key. Creates name the instance
+    /// they want (the registry assigned it), so a claim is by id.
+    pub fn claim_id(&mut self, id: &SandboxId) -> Option<WarmKey> {
+        let (key, queue) = self.ready.iter_mut().find(|(_, q)| q.contains(id))?;
+        queue.retain(|x| x != id);
+        Some(key.clone())
+    }
+
+    /// Whether `key` has a target (a create of it that finds no instance is a miss).
+    pub fn wanted(&self, key: &WarmKey) -> bool {
+        self.targets.contains_key(key)
+    }
+
+    /// Ready instances, oldest first per key, for reports.
+    pub fn ready(&self) -> impl Iterator<Item = (&WarmKey, &SandboxId)> {
+        self.ready
+            .iter()
+            .flat_map(|(k, q)| q.iter().map(move |id| (k, id)))
     }
 
     /// Instances to start now (each with a new id), within every limit; they count as
@@ -475,5 +530,25 @@ mod tests {
         assert!(s.lost(&id));
         assert!(!s.lost(&id));
         assert_eq!(s.refills().len(), 1);
+    }
+
+    #[test]
+    fn warm_targets_parse_with_and_without_a_runtime() {
+        let (key, n) =
+            WarmConfig::parse_target("docker.io/library/busybox:latest=8", Runtime::Crun).unwrap();
+        assert_eq!(
+            (key.image.to_string().as_str(), key.runtime, n),
+            ("docker.io/library/busybox:latest", Runtime::Crun, 8)
+        );
+        let (key, n) =
+            WarmConfig::parse_target("127.0.0.1:5000/a/b:1=3:gvisor", Runtime::Runc).unwrap();
+        assert_eq!(
+            (key.image.to_string().as_str(), key.runtime, n),
+            ("127.0.0.1:5000/a/b:1", Runtime::Gvisor, 3)
+        );
+        for bad in ["busybox", "busybox=x", "busybox=2:kata", "=2", "busybox=-1"] {
+            let err = WarmConfig::parse_target(bad, Runtime::Runc).unwrap_err();
+            assert!(err.to_string().starts_with("warm: "), "{bad}: {err}");
+        }
     }
 }

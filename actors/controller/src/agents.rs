@@ -27,7 +27,9 @@ use std::{
 
 use dashmap::DashMap;
 use fsb_agent::{SandboxRecord, server::BoxStream, session::phase_from_wire, state::PhaseChange};
-use fsb_core::{AgentId, HostPort, NamespaceName, NodeName, PoolName, SandboxId};
+use fsb_core::{
+    AgentId, HostPort, ImageRef, NamespaceName, NodeName, PoolName, SandboxId, spec::Runtime,
+};
 use fsb_gateway::{Gateway, agents::AgentClient};
 use fsb_proto::{
     agent::v1::{
@@ -39,7 +41,7 @@ use fsb_proto::{
     },
     fastpath::v1 as fp,
 };
-use fsb_registry::{AgentInfo, AgentReport, RegistryHandle, ReportedSandbox};
+use fsb_registry::{AgentInfo, AgentReport, RegistryHandle, ReportedSandbox, WarmInstance};
 use fsb_store::SandboxStore;
 use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::{Notify, mpsc};
@@ -56,7 +58,7 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct RemoteAgent {
     grpc: AgentGrpc<Channel>,
-    /// Sandbox ids of the agent's last inventory, for the gateway's orphan scan.
+    /// Sandbox ids of the agent's last inventory (its table), for registry reports.
     inventory: Arc<Mutex<Vec<SandboxId>>>,
 }
 
@@ -142,12 +144,23 @@ impl AgentClient for RemoteAgent {
         })
     }
 
+    /// Read from the agent's containerd, not its table: a container the table lost
+    /// (a create whose outcome containerd left open) is still found.
     fn containers(&self) -> BoxFuture<'_, Result<Vec<SandboxId>, Status>> {
+        let mut grpc = self.grpc.clone();
         Box::pin(async move {
-            self.inventory
-                .lock()
-                .map(|i| i.clone())
-                .map_err(|_| Status::internal("inventory lock poisoned"))
+            let ids = grpc
+                .list_containers(av::ListContainersRequest {})
+                .await?
+                .into_inner()
+                .sandbox_ids;
+            ids.iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    SandboxId::parse(&format!("sandbox_ids[{i}]"), s)
+                        .map_err(|e| Status::internal(format!("agent answered {e}")))
+                })
+                .collect()
         })
     }
 }
@@ -297,7 +310,39 @@ fn records(inv: &Inventory) -> Vec<SandboxRecord> {
         .collect()
 }
 
-fn info(reg: &Register, healthy: bool) -> Result<AgentInfo, Status> {
+/// The ready warm instances an inventory lists (unreadable entries skipped).
+fn warm_of(inv: &Inventory) -> Vec<WarmInstance> {
+    inv.warm
+        .iter()
+        .filter_map(|w| {
+            let image = ImageRef::parse("warm.image", &w.image).ok()?;
+            let runtime = runtime_of(w.runtime())?;
+            Some(
+                w.sandbox_ids
+                    .iter()
+                    .filter_map(|id| SandboxId::parse("warm.sandbox_ids", id).ok())
+                    .map(move |id| WarmInstance {
+                        id,
+                        image: image.clone(),
+                        runtime,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
+        .collect()
+}
+
+fn runtime_of(r: fp::Runtime) -> Option<Runtime> {
+    match r {
+        fp::Runtime::Runc => Some(Runtime::Runc),
+        fp::Runtime::Crun => Some(Runtime::Crun),
+        fp::Runtime::Gvisor => Some(Runtime::Gvisor),
+        fp::Runtime::Unspecified => None,
+    }
+}
+
+fn info(reg: &Register, healthy: bool, warm: Vec<WarmInstance>) -> Result<AgentInfo, Status> {
     Ok(AgentInfo {
         id: AgentId::from(reg.agent_id.as_str()),
         pool: PoolName::parse("register.pool", &reg.pool)
@@ -309,6 +354,8 @@ fn info(reg: &Register, healthy: bool) -> Result<AgentInfo, Status> {
             .ok_or_else(|| Status::invalid_argument("register.capacity: must be at least 1"))?,
         images: Vec::new(),
         healthy,
+        default_runtime: runtime_of(reg.default_runtime()).unwrap_or(Runtime::Runc),
+        warm,
     })
 }
 
@@ -346,7 +393,7 @@ impl<S: SandboxStore> AgentControl for AgentControlService<S> {
         if reg.agent_id.is_empty() {
             return Err(Status::invalid_argument("register.agent_id: required"));
         }
-        info(&reg, true)?;
+        info(&reg, true, Vec::new())?;
         self.identity.check(&reg).await?;
         let remote = RemoteAgent::new(&reg.endpoint)?;
         let (tx, rx) = mpsc::channel(16);
@@ -402,7 +449,7 @@ impl<S: SandboxStore> Session<S> {
         }
         if ended {
             self.book.drains.remove(&id);
-            if let Ok(info) = info(&self.reg, false) {
+            if let Ok(info) = info(&self.reg, false, Vec::new()) {
                 let _ = self
                     .registry
                     .report(AgentReport {
@@ -464,7 +511,7 @@ impl<S: SandboxStore> Session<S> {
         let draining = self.book.get(id).is_some_and(|a| a.draining);
         self.registry
             .report(AgentReport {
-                agent: info(&self.reg, !draining)?,
+                agent: info(&self.reg, !draining, warm_of(&first))?,
                 sandboxes: reported(&kept),
             })
             .await
@@ -507,7 +554,7 @@ impl<S: SandboxStore> Session<S> {
                         }
                         None => false,
                     };
-                    if let Ok(info) = info(&self.reg, !draining) {
+                    if let Ok(info) = info(&self.reg, !draining, warm_of(&inv)) {
                         let _ = self
                             .registry
                             .report(AgentReport {

@@ -43,8 +43,13 @@ use serde_json::json;
 use crate::{
     agents::AgentBook,
     crd::{Sandbox, SandboxPool},
-    store::{KubeStore, to_record},
+    store::{ANNOTATION_INITIAL_STATUS, KubeStore, to_record},
 };
+
+/// An object whose status is still missing this long after its creation lost its
+/// status write with the process that created it (the writes are milliseconds
+/// apart); the Sandbox loop writes the intended status then.
+const INTERRUPTED_CREATE_AFTER: Duration = Duration::from_secs(10);
 
 /// How the loop behaves.
 #[derive(Clone, Debug)]
@@ -189,6 +194,7 @@ impl SandboxLoop {
                     continue;
                 }
             };
+            self.finish_interrupted_create(obj, &ns, &name).await;
             match record.phase {
                 Phase::Pending if record.agent.is_none() => {
                     match self.gateway.place(&ns, &name).await {
@@ -276,6 +282,46 @@ impl SandboxLoop {
         self.demand.set(demand);
         self.lost_agents(&objects).await;
         Ok(())
+    }
+
+    /// A create is two writes (object, then status). A controller killed between them
+    /// leaves the intended status only in an annotation: the store already reads it
+    /// so, and this writes it, so `kubectl get` and watchers see it too.
+    async fn finish_interrupted_create(&self, obj: &Sandbox, ns: &str, name: &str) {
+        if obj.status.as_ref().is_some_and(|s| s.phase.is_some()) {
+            return;
+        }
+        let Some(intended) = obj
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_INITIAL_STATUS))
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        else {
+            return;
+        };
+        let age_ms = obj.metadata.creation_timestamp.as_ref().map_or(0, |t| {
+            Timestamp::now().as_millisecond() - t.0.as_millisecond()
+        });
+        if age_ms < i64::try_from(INTERRUPTED_CREATE_AFTER.as_millis()).unwrap_or(i64::MAX) {
+            return;
+        }
+        let api: Api<Sandbox> = Api::namespaced(self.client.clone(), ns);
+        match api
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": intended})),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(namespace = %ns, name = %name, "wrote the status of an interrupted create")
+            }
+            Err(e) => {
+                tracing::warn!(namespace = %ns, name = %name, error = %e, "writing the status of an interrupted create")
+            }
+        }
     }
 
     /// Mark an object whose spec does not validate, or let it go if it is deleted.

@@ -229,26 +229,8 @@ pub fn to_record(obj: &Sandbox, limits: &SpecLimits) -> Result<StoredSandbox, St
         .get(LABEL_CLAIM_UID)
         .cloned()
         .unwrap_or_else(|| object_uid.clone());
-    // Creating an object and writing its status are two requests: a controller killed
-    // between them leaves an object without status. Its intended status was written
-    // with the object (annotation), so it reads as meant, not as a kubectl Pending.
-    let status = match &obj.status {
-        Some(s) if s.phase.is_some() => s.clone(),
-        _ => annotations
-            .get(ANNOTATION_INITIAL_STATUS)
-            .and_then(|j| serde_json::from_str::<SandboxStatus>(j).ok())
-            .unwrap_or_default(),
-    };
-    let sandbox_id = match status
-        .sandbox_id
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .or_else(|| labels.get(LABEL_ID).map(String::as_str))
-    {
-        Some(id) => SandboxId::parse("status.sandboxID", id)
-            .map_err(|e| corrupt("sandbox_id", e.to_string()))?,
-        None => derived_id(&uid).ok_or_else(|| corrupt("uid", format!("{uid:?} is not a UUID")))?,
-    };
+    let status = effective_status(obj);
+    let sandbox_id = sandbox_id_of(obj).map_err(|(column, reason)| corrupt(column, reason))?;
     let spec = valid_spec(&namespace, &sandbox_name, &obj.spec, &labels, limits)
         .map_err(|e| corrupt("spec", e.to_string()))?;
     let spec_digest = annotations
@@ -295,6 +277,54 @@ pub fn to_record(obj: &Sandbox, limits: &SpecLimits) -> Result<StoredSandbox, St
         created_ms,
         resource_version,
     })
+}
+
+/// The object's status as meant. Creating an object and writing its status are two
+/// requests: a controller killed between them leaves an object without status. Its
+/// intended status was written with the object (annotation), so it reads as meant,
+/// not as a kubectl Pending.
+fn effective_status(obj: &Sandbox) -> SandboxStatus {
+    match &obj.status {
+        Some(s) if s.phase.is_some() => s.clone(),
+        _ => obj
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_INITIAL_STATUS))
+            .and_then(|j| serde_json::from_str::<SandboxStatus>(j).ok())
+            .unwrap_or_default(),
+    }
+}
+
+/// The sandbox id an object stands for, placed or not: its stated id
+/// ([`stated_sandbox_id`]), else the id derived from its claim uid that placing it
+/// will use. The error names the bad column.
+pub fn sandbox_id_of(obj: &Sandbox) -> Result<SandboxId, (&'static str, String)> {
+    if let Some(id) = stated_sandbox_id(obj) {
+        return id;
+    }
+    let uid = obj
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_CLAIM_UID))
+        .or(obj.metadata.uid.as_ref())
+        .cloned()
+        .unwrap_or_default();
+    derived_id(&uid).ok_or_else(|| ("uid", format!("{uid:?} is not a UUID")))
+}
+
+/// The sandbox id an object states: `status.sandboxID`, else the intended status
+/// written with it, else the id label of a fast-path create. The janitor reads ids
+/// this way too, so a same-name leftover of an earlier attempt is not taken for the
+/// container of a Sandbox whose status write was cut.
+pub fn stated_sandbox_id(obj: &Sandbox) -> Option<Result<SandboxId, (&'static str, String)>> {
+    let status = effective_status(obj);
+    let id = status
+        .sandbox_id
+        .filter(|s| !s.is_empty())
+        .or_else(|| obj.metadata.labels.as_ref()?.get(LABEL_ID).cloned())?;
+    Some(SandboxId::parse("status.sandboxID", &id).map_err(|e| ("sandbox_id", e.to_string())))
 }
 
 /// The sandbox id of an object not yet placed: its uid without dashes.

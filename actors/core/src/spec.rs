@@ -299,6 +299,20 @@ impl ValidSpec {
         let json = serde_json::to_vec(self).unwrap_or_default();
         SpecDigest(Sha256::digest(&json).into())
     }
+
+    /// Whether the spec sets cpu, memory or pids limits.
+    pub fn limited(&self) -> bool {
+        self.cpu.is_some() || self.memory.is_some() || self.pids.is_some()
+    }
+
+    /// Whether a warm instance of `runtime` (`None`: the agent's default) can take
+    /// this spec. Command, args, env, working directory and user are bound at claim
+    /// time; limits by a task update, which only runc and crun apply to a running
+    /// sandbox so far, so under gVisor a limited spec goes cold. With the runtime
+    /// unknown the registry assumes yes and the agent decides.
+    pub fn warm_claimable(&self, runtime: Option<Runtime>) -> bool {
+        !(self.limited() && runtime == Some(Runtime::Gvisor))
+    }
 }
 
 /// SHA-256 of a [`ValidSpec`].

@@ -226,12 +226,13 @@ impl Timeline {
         self.last = now;
     }
 
-    fn finish(self, path: &str, note: String) -> fp::Timeline {
+    fn finish(self, path: &str, note: String, started_unix_us: u64) -> fp::Timeline {
         fp::Timeline {
             total_us: micros(self.last - self.received),
             stages: self.stages,
             path: path.to_owned(),
             note,
+            started_unix_us,
         }
     }
 }
@@ -536,9 +537,14 @@ impl<S: SandboxStore> Gateway<S> {
             image: c.spec.image.clone(),
             ports: c.spec.ports.clone(),
             digest: c.spec.digest(),
+            runtime: c.spec.runtime,
+            claimable: c.spec.warm_claimable(c.spec.runtime),
         };
         let placement = inner.registry.allocate(alloc.clone()).await?;
         let placement = placement.into_result(&alloc)?;
+        // The registry assigned a warm instance: the sandbox takes the instance's id,
+        // which is how the agent knows which instance to hand the process to.
+        c.sandbox_id = placement.sandbox_id.clone();
         c.timeline.stage("allocate");
         let release = || {
             inner
@@ -662,7 +668,8 @@ impl<S: SandboxStore> Gateway<S> {
             }
             self.spawn_record_writer(c.key.clone());
         }
-        let timeline = c.timeline.finish(&path, note);
+        let started_unix_us = created.timeline.as_ref().map_or(0, |t| t.started_unix_us);
+        let timeline = c.timeline.finish(&path, note, started_unix_us);
         let sandbox = convert::sandbox(&record, strong, Some(timeline.clone()));
         Ok((
             fp::CreateResponse {
@@ -1319,6 +1326,8 @@ impl<S: SandboxStore> Gateway<S> {
             image: rec.spec.image.clone(),
             ports: rec.spec.ports.clone(),
             digest: rec.spec.digest(),
+            runtime: None,
+            claimable: false,
         };
         let placement = inner
             .registry

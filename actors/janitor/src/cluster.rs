@@ -3,7 +3,7 @@
 
 use std::{collections::HashSet, future::Future, time::Duration};
 
-use fsb_controller::crd::Sandbox;
+use fsb_controller::{crd::Sandbox, store::stated_sandbox_id};
 use fsb_core::labels::{LABEL_APP, LABEL_APP_AGENT, LABEL_CLAIM_UID};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, api::ListParams};
@@ -89,11 +89,9 @@ pub fn sandbox_facts(sandbox: &Sandbox) -> SandboxFacts {
             .or(sandbox.metadata.uid.as_ref())
             .cloned()
             .unwrap_or_default(),
-        sandbox_id: sandbox
-            .status
-            .as_ref()
-            .and_then(|s| s.sandbox_id.clone())
-            .filter(|id| !id.is_empty()),
+        sandbox_id: stated_sandbox_id(sandbox)
+            .and_then(Result::ok)
+            .map(|id| id.to_string()),
     }
 }
 
@@ -117,7 +115,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use fsb_controller::crd::{SandboxSpec, SandboxStatus};
+    use fsb_controller::{
+        crd::{SandboxPhase, SandboxSpec, SandboxStatus},
+        store::ANNOTATION_INITIAL_STATUS,
+    };
     use kube::core::Status;
 
     /// The body a kube-apiserver returns for a missing custom object.
@@ -177,14 +178,44 @@ mod tests {
         );
         s.metadata.uid = Some("meta-uid".into());
         assert_eq!(sandbox_facts(&s).claim_uid, "meta-uid");
-        assert_eq!(sandbox_facts(&s).sandbox_id, None);
         s.metadata.labels = Some([(LABEL_CLAIM_UID.to_owned(), "fast-claim".to_owned())].into());
+        assert_eq!(sandbox_facts(&s).claim_uid, "fast-claim");
+    }
+
+    /// The janitor reads the id a Sandbox states as the store does: an object whose
+    /// status write was cut still names its id (intended status, id label), so another
+    /// container of the same name is not taken for its own. An unplaced kubectl object
+    /// states none.
+    #[test]
+    fn a_sandbox_states_its_id_before_its_status_is_written() {
+        let mut s = Sandbox::new(
+            "web",
+            SandboxSpec {
+                image: "busybox".into(),
+                pool_ref: "default".into(),
+                ..SandboxSpec::default()
+            },
+        );
+        // kubectl-made, not placed yet: no id stated.
+        s.metadata.uid = Some("6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".into());
+        assert_eq!(sandbox_facts(&s).sandbox_id, None);
+        // A fast-path create whose status write was cut: the intended status.
+        let intended = "0123456789abcdef0123456789abcdef";
+        s.metadata.annotations = Some(
+            [(
+                ANNOTATION_INITIAL_STATUS.to_owned(),
+                format!(r#"{{"phase":"Running","sandboxID":"{intended}"}}"#),
+            )]
+            .into(),
+        );
+        assert_eq!(sandbox_facts(&s).sandbox_id.as_deref(), Some(intended));
+        // The status, once written, wins.
+        let placed = "fedcba9876543210fedcba9876543210";
         s.status = Some(SandboxStatus {
-            sandbox_id: Some("0123".into()),
+            phase: Some(SandboxPhase::Running),
+            sandbox_id: Some(placed.into()),
             ..SandboxStatus::default()
         });
-        let f = sandbox_facts(&s);
-        assert_eq!(f.claim_uid, "fast-claim");
-        assert_eq!(f.sandbox_id.as_deref(), Some("0123"));
+        assert_eq!(sandbox_facts(&s).sandbox_id.as_deref(), Some(placed));
     }
 }

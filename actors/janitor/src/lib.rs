@@ -29,9 +29,13 @@
 //!    - its Sandbox exists but its claim uid differs from the container's
 //!      `fast-sandbox.io/claim-uid` label (a recreated same-name object; an empty or
 //!      missing label is not compared); or
-//!    - its Sandbox exists with the same claim uid, `status.sandboxID` is set and
-//!      differs from the container's id (`fast-sandbox.io/id` label, else the
-//!      container id); or
+//!    - its Sandbox exists with the same claim uid but states another sandbox id than
+//!      the container's (`fast-sandbox.io/id` label, else the container id). A Sandbox
+//!      states its id in `status.sandboxID`, or, before that status is written, in the
+//!      intended status or id label its create wrote with it, read as the store reads
+//!      it (`fsb_controller::store::stated_sandbox_id`). So a same-name leftover of an
+//!      earlier attempt is not taken for the container of a Sandbox whose status
+//!      write was cut; or
 //!    - its agent pod is gone: the `fast-sandbox.io/agent-uid` label is the agent
 //!      pod's UID, and a successful list of pods labelled `app=sandbox-agent` in all
 //!      namespaces (one per scan) does not contain it. A failed list is unknown for

@@ -85,7 +85,8 @@ pub struct SandboxFacts {
     /// Its claim uid: metadata label `fast-sandbox.io/claim-uid` if present, else
     /// `metadata.uid`.
     pub claim_uid: String,
-    /// `status.sandboxID`, if set and non-empty.
+    /// The sandbox id it states, read as the store reads it
+    /// ([`fsb_controller::store::stated_sandbox_id`]); `None` if it states none.
     pub sandbox_id: Option<String>,
 }
 

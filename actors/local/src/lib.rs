@@ -32,4 +32,6 @@ pub mod datadir;
 mod up;
 
 pub use datadir::{DataDir, LocalError};
+/// What `fsb up --warm` keeps ready (the local agent's warm configuration).
+pub use fsb_agent::warm::WarmConfig;
 pub use up::{DEFAULT_LISTEN, DefaultMode, LOCAL_AGENT, LOCAL_POOL, UpConfig, run};

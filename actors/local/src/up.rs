@@ -69,6 +69,8 @@ pub struct UpConfig {
     /// The local agent's id (its containers carry it; two `fsb up` sharing one
     /// containerd need different ids).
     pub agent_id: String,
+    /// Warm instances the local agent keeps ready (`--warm IMAGE=N`).
+    pub warm: fsb_agent::warm::WarmConfig,
 }
 
 impl UpConfig {
@@ -85,6 +87,7 @@ impl UpConfig {
             keep_sandboxes: true,
             busybox: PathBuf::from("/bin/busybox"),
             agent_id: LOCAL_AGENT.to_owned(),
+            warm: fsb_agent::warm::WarmConfig::default(),
         }
     }
 }
@@ -139,6 +142,7 @@ pub async fn run(
         registry: RegistryOptions::default(),
         log_max_bytes: DEFAULT_LOG_MAX_BYTES,
         log_retention: Duration::ZERO,
+        warm: config.warm.clone(),
     })
     .await
     .map_err(|e| setup(format!("starting the local agent: {e}")))?;
@@ -206,6 +210,8 @@ pub async fn run(
                 capacity,
                 images: Vec::new(),
                 healthy: true,
+                default_runtime: fsb_core::spec::Runtime::Runc,
+                warm: Vec::new(),
             },
             sandboxes: kept
                 .iter()

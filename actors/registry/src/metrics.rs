@@ -28,4 +28,9 @@ pub struct RegistryMetrics {
     pub moved: u64,
     /// Agents declared lost.
     pub agents_lost: u64,
+    /// Allocations that took a warm instance (also counted in `allocated`).
+    pub warm_hits: u64,
+    /// Claimable requests that found no warm instance to take (placed cold, or not at
+    /// all).
+    pub warm_misses: u64,
 }

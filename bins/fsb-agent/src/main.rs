@@ -6,12 +6,13 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use fsb_agent::{
-    AgentConfig, AgentHandle,
+    AgentConfig, AgentError, AgentHandle,
     containerd::{ContainerdConfig, DEFAULT_CALL_TIMEOUT},
     image::RegistryOptions,
     oci::NetworkMode,
     server::AgentService,
     session::{SessionConfig, spawn_session},
+    warm::{WarmConfig, WarmLimits},
 };
 use fsb_core::{
     AgentId,
@@ -98,6 +99,24 @@ struct Config {
     /// The agent's pod UID (Kubernetes mode).
     #[arg(long, env = "FSB_POD_UID", default_value = "")]
     pod_uid: String,
+    /// Keep warm instances ready: `IMAGE=N` or `IMAGE=N:RUNTIME` (repeat the flag, or
+    /// comma-separate in the environment variable).
+    #[arg(long = "warm", env = "FSB_WARM", value_delimiter = ',')]
+    warm: Vec<String>,
+    /// The static fsb-init binary warm instances run as PID 1 (default: `fsb-init`
+    /// beside this executable).
+    #[arg(long, env = "FSB_INIT_BINARY")]
+    init_binary: Option<PathBuf>,
+    /// Warm instances being started at once.
+    #[arg(long, env = "FSB_WARM_MAX_STARTING", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    warm_max_starting: u64,
+    /// Memory all warm instances may hold, in MiB (each is counted at
+    /// `--warm-instance-mib`).
+    #[arg(long, env = "FSB_WARM_MEMORY_MIB", default_value_t = 1024)]
+    warm_memory_mib: u64,
+    /// What one warm instance is counted against the memory budget, in MiB.
+    #[arg(long, env = "FSB_WARM_INSTANCE_MIB", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    warm_instance_mib: u64,
     /// Heartbeat period in milliseconds unless the controller names one.
     #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_ms: u64,
@@ -134,6 +153,13 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let warm = match warm_config(&config, default_runtime) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("fsb-agent: {e}");
+            return ExitCode::from(64);
+        }
+    };
     if let Some(controller) = &config.controller
         && (!controller.starts_with("http://") && !controller.starts_with("https://")
             || tonic::transport::Endpoint::from_shared(controller.clone()).is_err())
@@ -146,7 +172,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match actix_rt::System::new().block_on(run(config, default_runtime)) {
+    match actix_rt::System::new().block_on(run(config, default_runtime, warm)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fsb-agent: {e}");
@@ -155,7 +181,35 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std::error::Error>> {
+/// The `--warm*` flags as the agent's warm configuration.
+fn warm_config(config: &Config, default_runtime: Runtime) -> Result<WarmConfig, AgentError> {
+    let targets = config
+        .warm
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| WarmConfig::parse_target(s, default_runtime))
+        .collect::<Result<Vec<_>, _>>()?;
+    let init = config.init_binary.clone().or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("fsb-init")))
+    });
+    Ok(WarmConfig {
+        targets,
+        limits: WarmLimits {
+            max_starting: usize::try_from(config.warm_max_starting).unwrap_or(usize::MAX),
+            memory_budget: config.warm_memory_mib << 20,
+            instance_bytes: config.warm_instance_mib << 20,
+        },
+        init,
+    })
+}
+
+async fn run(
+    config: Config,
+    default_runtime: Runtime,
+    warm: WarmConfig,
+) -> Result<(), Box<dyn std::error::Error>> {
     let netns = config
         .netns
         .unwrap_or_else(|| PathBuf::from(format!("/proc/{}/ns/net", std::process::id())));
@@ -175,6 +229,11 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
             .map(i32::from)
             .collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        default_runtime: match default_runtime {
+            Runtime::Runc => fp::Runtime::Runc,
+            Runtime::Crun => fp::Runtime::Crun,
+            Runtime::Gvisor => fp::Runtime::Gvisor,
+        } as i32,
     };
     let agent = AgentHandle::start(AgentConfig {
         agent_id: AgentId::from(config.agent_id),
@@ -193,6 +252,7 @@ async fn run(config: Config, default_runtime: Runtime) -> Result<(), Box<dyn std
         registry: RegistryOptions::default(),
         log_max_bytes: config.log_max_bytes,
         log_retention: Duration::from_secs(config.log_retention_seconds),
+        warm,
     })
     .await?;
     // Dropped (and so stopped) when the server returns.

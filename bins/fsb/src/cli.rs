@@ -178,6 +178,19 @@ pub(crate) struct UpArgs {
         value_name = "PATH"
     )]
     pub(crate) busybox: PathBuf,
+    /// Keep N warm instances of IMAGE ready (`IMAGE=N` or `IMAGE=N:RUNTIME`; repeat the
+    /// flag): creates of that image then hand their process to a running container.
+    #[arg(long, env = "FSB_WARM", value_delimiter = ',', value_name = "IMAGE=N")]
+    pub(crate) warm: Vec<String>,
+    /// The static fsb-init warm instances run as PID 1 [default: fsb-init beside fsb].
+    #[arg(long, env = "FSB_INIT_BINARY", value_name = "PATH")]
+    pub(crate) init_binary: Option<PathBuf>,
+    /// Warm instances started at once while refilling.
+    #[arg(long, env = "FSB_WARM_MAX_STARTING", default_value_t = 2)]
+    pub(crate) warm_max_starting: usize,
+    /// Memory budget of all warm instances in MiB (each counted at 4 MiB).
+    #[arg(long, env = "FSB_WARM_MEMORY_MIB", default_value_t = 1024)]
+    pub(crate) warm_memory_mib: u64,
 }
 
 /// `fsb run`.

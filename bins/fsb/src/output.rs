@@ -601,6 +601,7 @@ mod tests {
                     total_us: 2600,
                     path: "cold".into(),
                     note: String::new(),
+                    started_unix_us: 0,
                 }),
                 ..Default::default()
             }),

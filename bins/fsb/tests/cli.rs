@@ -108,6 +108,7 @@ impl FastPath for FakeFastPath {
             total_us: 4250,
             path: "cold".into(),
             note: String::new(),
+            started_unix_us: 0,
         };
         // `exit N`: the process has already run and exited with N.
         let mut status = fp::SandboxStatus {

@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 
 use fsb_core::{
     AgentId, HostPort, ImageRef, NamespaceName, NodeName, PoolName, RequestId, SandboxId,
-    spec::SpecDigest,
+    spec::{Runtime, SpecDigest},
 };
 use fsb_registry::{AgentInfo, AgentReport, AllocateRequest, ReportedSandbox};
 
@@ -40,6 +40,8 @@ pub fn agent(
         capacity: NonZeroU32::new(capacity).unwrap(),
         images: images.iter().map(|i| image(i)).collect(),
         healthy: true,
+        default_runtime: Runtime::Runc,
+        warm: Vec::new(),
     }
 }
 
@@ -72,5 +74,7 @@ pub fn req(
         image: image(img),
         ports: ports.iter().map(|p| port(*p)).collect(),
         digest: SpecDigest([1; 32]),
+        runtime: None,
+        claimable: false,
     }
 }

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use fsb_core::spec::Runtime;
-use fsb_local::{DefaultMode, UpConfig};
+use fsb_local::{DefaultMode, UpConfig, WarmConfig};
 
 use crate::{
     cli::{ModeArg, RuntimeArg, UpArgs},
@@ -52,6 +52,18 @@ pub(crate) fn up_config(args: &UpArgs, settings: &Settings) -> Result<UpConfig, 
     config.keep_sandboxes = !args.stop_sandboxes_on_exit;
     config.agent_id = args.agent_id.clone();
     config.busybox = args.busybox.clone();
+    for w in args.warm.iter().filter(|w| !w.is_empty()) {
+        let target = WarmConfig::parse_target(w, config.default_runtime)
+            .map_err(|e| CliError::BadConfig(format!("--{e}")))?;
+        config.warm.targets.push(target);
+    }
+    config.warm.init = args.init_binary.clone().or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("fsb-init")))
+    });
+    config.warm.limits.max_starting = args.warm_max_starting.max(1);
+    config.warm.limits.memory_budget = args.warm_memory_mib << 20;
     Ok(config)
 }
 
