@@ -6,7 +6,7 @@
 # 1. installs the Debian packages `fsb up` needs if missing (containerd, runc, crun,
 #    runsc, busybox-static, protoc, build tools, curl);
 # 2. installs Rust with rustup (non-interactive, stable) if cargo is missing;
-# 3. builds `fsb` (cargo build --release -p fsb-bin);
+# 3. builds `fsb` (cargo build --release -p fsb-bin) and a static `fsb-init` beside it;
 # 4. starts `fsb up` in the background (log and pid file in the data directory), or
 #    reuses the one already running, and waits until `fsb version` reaches it;
 # 5. runs a first sandbox: `fsb run --rm -- echo hello`, then a named one, then `fsb ls`.
@@ -109,6 +109,10 @@ build() {
   say "building fsb (cargo build --release -p fsb-bin; the first build takes a few minutes)"
   (cd "$REPO_ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release -p fsb-bin)
   [[ -x "$FSB" ]] || die "the build did not produce $FSB"
+  # fsb-init, static (PID 1 of warm instances, `fsb up --warm`), beside fsb.
+  say "building fsb-init (static)"
+  (cd "$REPO_ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo rustc -p fsb-init-bin --release \
+    --bin fsb-init -- -C target-feature=+crt-static)
 }
 
 # The pid of a running `fsb up` of this data directory, if any.

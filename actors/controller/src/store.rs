@@ -319,9 +319,9 @@ pub fn sandbox_id_of(obj: &Sandbox) -> Result<SandboxId, (&'static str, String)>
 /// this way too, so a same-name leftover of an earlier attempt is not taken for the
 /// container of a Sandbox whose status write was cut.
 pub fn stated_sandbox_id(obj: &Sandbox) -> Option<Result<SandboxId, (&'static str, String)>> {
-    let status = effective_status(obj);
-    let id = status
-        .sandbox_id
+    let written = obj.status.as_ref().and_then(|s| s.sandbox_id.clone());
+    let id = written
+        .or_else(|| effective_status(obj).sandbox_id)
         .filter(|s| !s.is_empty())
         .or_else(|| obj.metadata.labels.as_ref()?.get(LABEL_ID).cloned())?;
     Some(SandboxId::parse("status.sandboxID", &id).map_err(|e| ("sandbox_id", e.to_string())))

@@ -217,5 +217,11 @@ mod tests {
             ..SandboxStatus::default()
         });
         assert_eq!(sandbox_facts(&s).sandbox_id.as_deref(), Some(placed));
+        // A written sandboxID counts even without a phase.
+        s.status = Some(SandboxStatus {
+            sandbox_id: Some(intended.into()),
+            ..SandboxStatus::default()
+        });
+        assert_eq!(sandbox_facts(&s).sandbox_id.as_deref(), Some(intended));
     }
 }

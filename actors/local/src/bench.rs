@@ -158,6 +158,10 @@ pub struct BenchConfig {
     pub modes: Vec<DefaultMode>,
     /// Also measure raw containerd creates.
     pub raw: Option<RawTarget>,
+    /// Measure fsb creates to the moment the user process started (the agent's
+    /// report, on this machine's clock) instead of to the response, and count warm
+    /// and cold creates: what warm instances change.
+    pub warm: bool,
 }
 
 /// Latency summary of one path, in milliseconds (nearest-rank percentiles).
@@ -217,6 +221,11 @@ pub struct BenchReport {
     pub ratio_p50: Option<f64>,
     /// Every fsb path, one per mode, in the order asked for.
     pub modes: Vec<ModeReport>,
+    /// With `--warm`: `"process started"` (fsb latencies run from sending the create
+    /// to the user process's start; raw ones end at the task's start, the same
+    /// moment). Absent otherwise (latencies end at the response).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_to: Option<&'static str>,
     /// p50 of each stage of the fsb paths (from the create timelines), in order; shown
     /// in the table, not in the JSON (whose shape is fixed).
     #[serde(skip)]
@@ -236,6 +245,12 @@ pub struct ModeReport {
     pub summary: Summary,
     /// Its p50 / raw p50, when compared.
     pub ratio_p50: Option<f64>,
+    /// With `--warm`: measured creates that took a warm instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm: Option<usize>,
+    /// With `--warm`: measured creates that went cold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold: Option<usize>,
 }
 
 /// How a mode is named in the report.
@@ -249,6 +264,9 @@ fn mode_name(mode: Option<DefaultMode>) -> &'static str {
 
 /// Per-stage durations of one create, in order.
 pub type Stages = Vec<(String, Duration)>;
+
+/// One fsb create: its latency, stages, and (name, whether it was warm).
+type FsbSample = (Duration, Stages, (String, bool));
 
 /// The p50 (ms) of every stage name, in first-seen order.
 fn stage_p50s(samples: &[Stages]) -> Vec<(String, f64)> {
@@ -299,6 +317,8 @@ impl BenchReport {
                     mode: mode_name(*mode).to_owned(),
                     ratio_p50: ratio(&summary),
                     summary,
+                    warm: None,
+                    cold: None,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
@@ -312,6 +332,7 @@ impl BenchReport {
             ratio_p50: first.ratio_p50,
             raw,
             modes,
+            measured_to: None,
         })
     }
 
@@ -365,6 +386,14 @@ impl BenchReport {
                 ));
             }
         }
+        if let Some(to) = self.measured_to {
+            out.push_str(&format!("fsb latencies run from the create to the {to}\n"));
+        }
+        for m in &self.modes {
+            if let (Some(w), Some(c)) = (m.warm, m.cold) {
+                out.push_str(&format!("{}: {w} warm, {c} cold\n", label(m)));
+            }
+        }
         for (m, stages) in self.modes.iter().zip(&self.fsb_stages) {
             stage_line(&mut out, &label(m), stages);
         }
@@ -391,6 +420,8 @@ struct FsbPath {
     client: fp::fast_path_client::FastPathClient<Channel>,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
     create: fp::CreateRequest,
+    /// Time to the process start rather than to the response.
+    to_started: bool,
 }
 
 impl FsbPath {
@@ -402,12 +433,14 @@ impl FsbPath {
         req
     }
 
-    /// One create, timed from send to response; the created sandbox's name.
-    async fn create(&self) -> Result<(String, Duration, Stages), BenchError> {
+    /// One create, timed from send to response (or to the process start); the
+    /// created sandbox's name and whether it was warm.
+    async fn create(&self) -> Result<((String, bool), Duration, Stages), BenchError> {
         let mut msg = self.create.clone();
         msg.request_id = uuid::Uuid::new_v4().to_string();
         let req = self.request(msg);
         let mut client = self.client.clone();
+        let sent_us = unix_us();
         let t = Instant::now();
         let resp = client
             .create(req)
@@ -416,19 +449,25 @@ impl FsbPath {
                 op: "create",
                 status,
             })?;
-        let elapsed = t.elapsed();
+        let mut elapsed = t.elapsed();
         let resp = resp.into_inner();
-        let stages = resp
-            .timeline
-            .map(|t| {
-                t.stages
-                    .into_iter()
-                    .map(|s| (s.name, Duration::from_micros(s.duration_us)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let timeline = resp.timeline.unwrap_or_default();
+        let warm = timeline.path == "warm";
+        if self.to_started {
+            if timeline.started_unix_us == 0 {
+                return Err(BenchError::Config(
+                    "--warm: the server does not report process start times".to_owned(),
+                ));
+            }
+            elapsed = Duration::from_micros(timeline.started_unix_us.saturating_sub(sent_us));
+        }
+        let stages = timeline
+            .stages
+            .into_iter()
+            .map(|s| (s.name, Duration::from_micros(s.duration_us)))
+            .collect();
         let name = resp.sandbox.map(|s| s.name).unwrap_or_default();
-        Ok((name, elapsed, stages))
+        Ok(((name, warm), elapsed, stages))
     }
 
     async fn delete(&self, name: String) -> Result<(), BenchError> {
@@ -447,6 +486,12 @@ impl FsbPath {
                 status,
             })
     }
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// The raw path: what stays the same for every container.
@@ -632,17 +677,19 @@ impl RawPath {
     }
 }
 
-/// Run `n` creates at once, then remove what was created (untimed); the timings.
+/// Run `n` creates at once, then remove what was created (untimed); the timings,
+/// each with what its create returned.
 async fn batch<C, CF, R, RF, K>(
     n: usize,
     create: C,
     remove: R,
-) -> Result<Vec<(Duration, Stages)>, BenchError>
+) -> Result<Vec<(Duration, Stages, K)>, BenchError>
 where
     C: Fn() -> CF,
     CF: Future<Output = Result<(K, Duration, Stages), BenchError>>,
     R: Fn(K) -> RF,
     RF: Future<Output = Result<(), BenchError>>,
+    K: Clone,
 {
     let results = futures::future::join_all((0..n).map(|_| create())).await;
     let mut timings = Vec::with_capacity(n);
@@ -651,8 +698,8 @@ where
     for r in results {
         match r {
             Ok((key, d, stages)) => {
-                created.push(key);
-                timings.push((d, stages));
+                created.push(key.clone());
+                timings.push((d, stages, key));
             }
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -717,6 +764,7 @@ pub async fn run(
     let template = FsbPath {
         client: fp::fast_path_client::FastPathClient::new(channel),
         auth,
+        to_started: config.warm,
         create: fp::CreateRequest {
             request_id: String::new(),
             namespace: config.namespace.clone(),
@@ -760,7 +808,7 @@ pub async fn run(
         None => None,
     };
     let total = config.warmup + config.count;
-    let mut fsb_samples: Vec<Vec<(Duration, Stages)>> = vec![Vec::new(); paths.len()];
+    let mut fsb_samples: Vec<Vec<FsbSample>> = vec![Vec::new(); paths.len()];
     let mut raw_samples = Vec::new();
     let (mut done, mut round) = (0, 0);
     while done < total {
@@ -774,12 +822,12 @@ pub async fn run(
             match (lane, &raw) {
                 (Lane::Fsb(i), _) => {
                     let fsb = &paths[i];
-                    let t = batch(n, || fsb.create(), |name| fsb.delete(name)).await?;
+                    let t = batch(n, || fsb.create(), |(name, _)| fsb.delete(name)).await?;
                     fsb_samples[i].extend(t.into_iter().skip(skip));
                 }
                 (Lane::Raw, Some(raw)) => {
                     let t = batch(n, || raw.create(), |id| raw.remove(id)).await?;
-                    raw_samples.extend(t.into_iter().skip(skip));
+                    raw_samples.extend(t.into_iter().skip(skip).map(|(d, s, _)| (d, s)));
                 }
                 (Lane::Raw, None) => {}
             }
@@ -790,8 +838,12 @@ pub async fn run(
     }
     let mut fsb_times = Vec::with_capacity(paths.len());
     let mut fsb_stages = Vec::with_capacity(paths.len());
+    let mut warm_counts = Vec::with_capacity(paths.len());
     for (mode, samples) in modes.iter().zip(fsb_samples) {
-        let (times, stages): (Vec<Duration>, Vec<Stages>) = samples.into_iter().unzip();
+        let warm = samples.iter().filter(|(_, _, (_, w))| *w).count();
+        warm_counts.push((warm, samples.len() - warm));
+        let (times, stages): (Vec<Duration>, Vec<Stages>) =
+            samples.into_iter().map(|(d, s, _)| (d, s)).unzip();
         fsb_times.push((*mode, times));
         fsb_stages.push(stage_p50s(&stages));
     }
@@ -804,6 +856,13 @@ pub async fn run(
     .ok_or_else(|| BenchError::Config("no samples".to_owned()))?;
     report.fsb_stages = fsb_stages;
     report.raw_stages = stage_p50s(&raw_stages);
+    if config.warm {
+        report.measured_to = Some("process started");
+        for (m, (warm, cold)) in report.modes.iter_mut().zip(warm_counts) {
+            m.warm = Some(warm);
+            m.cold = Some(cold);
+        }
+    }
     Ok(report)
 }
 
@@ -863,6 +922,32 @@ mod tests {
         assert!(v["raw"].is_null());
         assert!(v["ratio_p50"].is_null());
         assert_eq!(v["count"], 1);
+    }
+
+    #[test]
+    fn a_warm_run_says_what_it_measured_and_counts_warm_and_cold() {
+        let mut r = BenchReport::from_samples(1, &[(None, ms(&[2, 3]))], None).unwrap();
+        let plain: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert!(plain.get("measured_to").is_none(), "absent unless --warm");
+        assert!(plain["modes"][0].get("warm").is_none());
+        r.measured_to = Some("process started");
+        r.modes[0].warm = Some(1);
+        r.modes[0].cold = Some(1);
+        let table = r.to_table();
+        assert!(
+            table.contains("from the create to the process started"),
+            "{table}"
+        );
+        assert!(table.contains("fsb: 1 warm, 1 cold"), "{table}");
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["measured_to"], "process started");
+        assert_eq!(
+            (
+                v["modes"][0]["warm"].as_u64(),
+                v["modes"][0]["cold"].as_u64()
+            ),
+            (Some(1), Some(1))
+        );
     }
 
     #[test]
@@ -955,6 +1040,7 @@ mod tests {
             runtime: None,
             modes: Vec::new(),
             raw: None,
+            warm: false,
         };
         let err = run(&config, channel, None, &AtomicBool::new(true))
             .await

@@ -17,7 +17,7 @@ use fsb_agent::{
 use fsb_core::{AgentId, NamespaceName, NodeName, PoolName, spec::Runtime, spec::SpecLimits};
 use fsb_gateway::{FastPathService, Gateway, GatewayConfig, LocalAgent, LocalImages, TokenCheck};
 use fsb_proto::{ServingStatus, fastpath::v1 as fp, standard_services};
-use fsb_registry::{AgentInfo, AgentReport, RegistryHandle, ReportedSandbox};
+use fsb_registry::{AgentInfo, AgentReport, RegistryHandle, ReportedSandbox, WarmInstance};
 use fsb_store::{SandboxStore, SqliteStore};
 
 use crate::{DataDir, LocalError, busybox, containerd};
@@ -90,6 +90,63 @@ impl UpConfig {
             warm: fsb_agent::warm::WarmConfig::default(),
         }
     }
+}
+
+fn reported(records: &[fsb_agent::SandboxRecord]) -> Vec<ReportedSandbox> {
+    records
+        .iter()
+        .map(|c| ReportedSandbox {
+            id: c.id.clone(),
+            ports: c.ports.clone(),
+        })
+        .collect()
+}
+
+/// How often the local agent's warm instances are compared with the registry's.
+const WARM_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Keep the registry's view of the warm instances current: when the ready set
+/// changes (a refill, a claim), a full report goes out (the registry takes warm
+/// instances from reports only, and never re-offers one already allocated).
+fn spawn_warm_reports(agent: AgentHandle, registry: RegistryHandle, info: AgentInfo) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WARM_REPORT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last = Vec::new();
+        loop {
+            tick.tick().await;
+            let Ok(ready) = agent.warm_instances().await else {
+                return;
+            };
+            let ids: Vec<_> = ready.iter().map(|(_, id)| id.clone()).collect();
+            if ids == last {
+                continue;
+            }
+            let Ok(held) = agent.inventory().await else {
+                return;
+            };
+            let mut info = info.clone();
+            info.warm = ready
+                .into_iter()
+                .map(|(key, id)| WarmInstance {
+                    id,
+                    image: key.image,
+                    runtime: key.runtime,
+                })
+                .collect();
+            let report = AgentReport {
+                agent: info,
+                sandboxes: reported(&held),
+            };
+            match registry.report(report).await {
+                Ok(_) => {
+                    tracing::debug!(ready = ids.len(), "warm instances reported");
+                    last = ids;
+                }
+                Err(e) => tracing::warn!(error = %e, "reporting warm instances"),
+            }
+        }
+    });
 }
 
 fn setup(what: impl std::fmt::Display) -> LocalError {
@@ -200,29 +257,25 @@ pub async fn run(
     tracing::info!(?report, "store reconciled with containerd");
     let capacity =
         NonZeroU32::new(config.capacity).ok_or_else(|| setup("--capacity: must be at least 1"))?;
+    let info = AgentInfo {
+        id: agent_id.clone(),
+        pool: pool.clone(),
+        namespace: pool_namespace,
+        node,
+        capacity,
+        images: Vec::new(),
+        healthy: true,
+        default_runtime: config.default_runtime,
+        warm: Vec::new(),
+    };
     registry
         .report(AgentReport {
-            agent: AgentInfo {
-                id: agent_id.clone(),
-                pool: pool.clone(),
-                namespace: pool_namespace,
-                node,
-                capacity,
-                images: Vec::new(),
-                healthy: true,
-                default_runtime: fsb_core::spec::Runtime::Runc,
-                warm: Vec::new(),
-            },
-            sandboxes: kept
-                .iter()
-                .map(|c| ReportedSandbox {
-                    id: c.id.clone(),
-                    ports: c.ports.clone(),
-                })
-                .collect(),
+            agent: info.clone(),
+            sandboxes: reported(&kept),
         })
         .await
         .map_err(|e| setup(format!("registry: {e}")))?;
+    spawn_warm_reports(agent.clone(), registry.clone(), info);
     let forward = gateway.clone();
     tokio::spawn(async move {
         use tokio::sync::broadcast::error::RecvError;

@@ -430,6 +430,10 @@ pub(crate) struct BenchArgs {
     /// Also measure raw containerd creates in the same run.
     #[arg(long)]
     pub(crate) compare_raw: bool,
+    /// Time each create to the moment its process started (not to the response) and
+    /// count warm and cold creates: for servers keeping warm instances (`fsb up --warm`).
+    #[arg(long)]
+    pub(crate) warm: bool,
     /// containerd of the raw path [default: <data-dir>/containerd/containerd.sock if
     /// present, else /run/containerd/containerd.sock].
     #[arg(long, env = "FSB_CONTAINERD_SOCKET", value_name = "PATH")]

@@ -109,6 +109,17 @@ pub fn agent_env(pool: &SandboxPool, config: &PoolConfig) -> Vec<EnvVar> {
         ),
         literal("FSB_CONTROLLER", config.controller_url.clone()),
         literal("FSB_LISTEN", format!("0.0.0.0:{}", config.agent_port)),
+        // `warmImages` as the agent's `--warm IMAGE=N` list (in the pool's runtime).
+        literal(
+            "FSB_WARM",
+            pool.spec
+                .warm_images
+                .iter()
+                .filter(|w| w.count > 0)
+                .map(|w| format!("{}={}", w.image, w.count))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
     ]
 }
 
@@ -185,7 +196,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::crd::{PoolCapacity, SandboxPoolSpec};
+    use crate::crd::{PoolCapacity, SandboxPoolSpec, WarmImage};
 
     fn pool(per_pod: u32, template: Option<PodTemplateSpec>) -> SandboxPool {
         let mut p = SandboxPool::new(
@@ -194,7 +205,16 @@ mod tests {
                 capacity: PoolCapacity::default(),
                 max_sandboxes_per_pod: per_pod,
                 runtime: RuntimeName::Gvisor,
-                warm_images: vec![],
+                warm_images: vec![
+                    WarmImage {
+                        image: "docker.io/library/busybox:1".into(),
+                        count: 4,
+                    },
+                    WarmImage {
+                        image: "none".into(),
+                        count: 0,
+                    },
+                ],
                 agent_template: template,
             },
         );
@@ -235,6 +255,10 @@ mod tests {
         let env = env_of(&t);
         let get = |n: &str| env.iter().find(|e| e.name == n).unwrap().clone();
         assert_eq!(get("FSB_CAPACITY").value.as_deref(), Some("3"));
+        assert_eq!(
+            get("FSB_WARM").value.as_deref(),
+            Some("docker.io/library/busybox:1=4")
+        );
         assert_eq!(get("FSB_DEFAULT_RUNTIME").value.as_deref(), Some("gvisor"));
         assert_eq!(get("FSB_POOL").value.as_deref(), Some("web"));
         assert_eq!(get("FSB_LISTEN").value.as_deref(), Some("0.0.0.0:5758"));

@@ -47,6 +47,7 @@ pub(crate) fn bench_config(args: &BenchArgs, settings: &Settings) -> Result<Benc
             ModeArg::Strong => DefaultMode::Strong,
         })
         .collect(),
+        warm: args.warm,
         raw: args.compare_raw.then(|| RawTarget {
             runtime_root: args.runtime_root.clone(),
             runsc_binary: args.runsc.clone(),
