@@ -54,8 +54,44 @@ case "$bench" in
     "$REPO_ROOT/tests/scripts/with-containerd.sh" \
       cargo bench -p fsb-benches --bench "$bench" -- "$@"
     ;;
+  warm)
+    # fsb up (release) with warm instances, then `fsb bench --warm` against it: runc at
+    # concurrency 1 and 8, gVisor at concurrency 1, raw cold containerd beside each.
+    echo "==> building release fsb and a static fsb-init" >&2
+    cargo build --release -p fsb-bin
+    cargo rustc -p fsb-init-bin --release --bin fsb-init -- -C target-feature=+crt-static
+    fsb="$CARGO_TARGET_DIR/release/fsb"
+    data="$FSB_TEST_RUN_DIR/warm-$$"
+    mkdir -p "$data"
+    port="${FSB_BENCH_PORT:-7391}"
+    runc_warm="${FSB_BENCH_WARM:-64}"
+    gvisor_warm="${FSB_BENCH_WARM_GVISOR:-16}"
+    "$fsb" --data-dir "$data" up --listen "127.0.0.1:$port" \
+      --warm "fsb.local/busybox:latest=$runc_warm:runc" \
+      --warm "fsb.local/busybox:latest=$gvisor_warm:gvisor" \
+      --warm-memory-mib 8192 --warm-max-starting "${FSB_BENCH_MAX_STARTING:-2}" \
+      --stop-sandboxes-on-exit >"$data/up.log" 2>&1 &
+    up_pid=$!
+    # --stop-sandboxes-on-exit: fsb up removes its sandboxes and warm instances.
+    trap 'kill -TERM $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
+    for _ in $(seq 1 120); do [[ -f "$data/endpoint" ]] && break; sleep 1; done
+    [[ -f "$data/endpoint" ]] || { cat "$data/up.log" >&2; exit 1; }
+    # Let the warm levels fill (refills start two at a time).
+    sleep "${FSB_BENCH_FILL_SECONDS:-60}"
+    count="${FSB_BENCH_COUNT:-500}"
+    runs=("--runtime runc --concurrency 1" "--runtime runc --concurrency 8" \
+      "--runtime gvisor --concurrency 1")
+    # FSB_BENCH_ONLY=N (0-based) runs only that one.
+    [[ -z "${FSB_BENCH_ONLY:-}" ]] || runs=("${runs[$FSB_BENCH_ONLY]}")
+    for args in "${runs[@]}"; do
+      echo "==> fsb bench --warm --count $count --compare-raw $args" >&2
+      # shellcheck disable=SC2086
+      "$fsb" --data-dir "$data" bench --warm --count "$count" --compare-raw $args "$@"
+      sleep "${FSB_BENCH_REFILL_SECONDS:-30}"
+    done
+    ;;
   *)
-    echo "usage: $0 [agent_create|registry|k8s_modes] [bench args...]" >&2
+    echo "usage: $0 [agent_create|registry|k8s_modes|warm] [bench args...]" >&2
     exit 64
     ;;
 esac

@@ -25,7 +25,7 @@ use crate::{
     image::ImageStore,
     msg::{
         Create, CreatedSandbox, Delete, Exited, Inventory, Resync, Start, StartHow, StartWarm,
-        Stop, Subscribe, WarmInstances,
+        Stop, StopWarm, Subscribe, WarmInstances,
     },
     oci::NetworkMode,
     runtime::{ContainerdRuntime, ObservedSandbox, TaskState},
@@ -436,6 +436,15 @@ impl Handler<RefillNow> for AgentActor {
 
     fn handle(&mut self, _msg: RefillNow, ctx: &mut Self::Context) {
         self.refill(ctx);
+    }
+}
+
+impl Handler<StopWarm> for AgentActor {
+    type Result = MessageResult<StopWarm>;
+
+    fn handle(&mut self, _msg: StopWarm, _ctx: &mut Self::Context) -> Self::Result {
+        self.warm_init = None;
+        MessageResult(self.warm.set_targets(Vec::new()))
     }
 }
 

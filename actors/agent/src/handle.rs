@@ -11,7 +11,10 @@ use crate::{
     containerd::{Containerd, ContainerdConfig},
     error::AgentError,
     image::{ImageStore, RegistryOptions},
-    msg::{Create, CreateSandbox, CreatedSandbox, Delete, Inventory, Subscribe, WarmInstances},
+    msg::{
+        Create, CreateSandbox, CreatedSandbox, Delete, Inventory, StopWarm, Subscribe,
+        WarmInstances,
+    },
     oci::NetworkMode,
     runtime::ContainerdRuntime,
     state::{PhaseChange, SandboxRecord},
@@ -146,6 +149,19 @@ impl AgentHandle {
             .filter(|o| crate::actor::warm_key_of(o).is_none())
             .map(|o| o.id)
             .collect())
+    }
+
+    /// Stop keeping instances warm and remove the ready ones (on shutdown, when
+    /// nothing is to be left behind). Returns how many were removed.
+    pub async fn stop_warm(&self) -> Result<usize, AgentError> {
+        let ready = self.addr.send(StopWarm).await.map_err(stopped)?;
+        let mut removed = 0;
+        for id in ready {
+            if self.runtime.remove(&id, Duration::ZERO).await? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Ready warm instances (key, id), oldest first per key: what reports offer the

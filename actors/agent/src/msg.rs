@@ -81,6 +81,11 @@ pub(crate) struct Inventory;
 #[rtype(result = "broadcast::Receiver<PhaseChange>")]
 pub(crate) struct Subscribe;
 
+/// Keep nothing warm from now on; the ready instances, for the caller to remove.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<SandboxId>")]
+pub(crate) struct StopWarm;
+
 /// The ready warm instances, for reports.
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<(WarmKey, SandboxId)>")]

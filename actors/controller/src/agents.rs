@@ -183,6 +183,8 @@ pub struct AgentState {
     pub disconnected_at: Option<Instant>,
     /// Sandboxes held, from the last inventory.
     pub used: u32,
+    /// Warm instances ready, from the last inventory.
+    pub warm: u32,
     /// Told to take no new sandboxes.
     pub draining: bool,
     /// Session generation: a stream that ends after a newer one started changes nothing.
@@ -308,6 +310,11 @@ fn records(inv: &Inventory) -> Vec<SandboxRecord> {
             })
         })
         .collect()
+}
+
+/// How many warm instances an inventory says are ready.
+fn warm_ready(inv: &Inventory) -> u32 {
+    inv.warm.iter().fold(0u32, |n, w| n.saturating_add(w.ready))
 }
 
 /// The ready warm instances an inventory lists (unreadable entries skipped).
@@ -523,6 +530,7 @@ impl<S: SandboxStore> Session<S> {
                 connected: true,
                 disconnected_at: None,
                 used: u32::try_from(kept.len()).unwrap_or(u32::MAX),
+                warm: warm_ready(&first),
                 draining,
                 epoch,
             },
@@ -550,6 +558,7 @@ impl<S: SandboxStore> Session<S> {
                     let draining = match self.book.agents.get_mut(id) {
                         Some(mut a) => {
                             a.used = u32::try_from(recs.len()).unwrap_or(u32::MAX);
+                            a.warm = warm_ready(&inv);
                             a.draining
                         }
                         None => false,

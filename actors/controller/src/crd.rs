@@ -323,6 +323,10 @@ pub struct SandboxPoolStatus {
     /// Agents holding at least one.
     #[serde(default)]
     pub busy_agents: u32,
+    /// Warm instances ready on the pool's agents (`warmImages`), from their last
+    /// inventories.
+    #[serde(default)]
+    pub warm_ready: u32,
     /// Conditions (Ready, Scaling, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,

@@ -83,6 +83,10 @@ pub trait AgentUsage: Send + Sync + 'static {
     /// Tell the agent to take no new sandboxes (the registry stops allocating to it).
     /// False if unknown.
     fn drain(&self, pod_uid: &str) -> bool;
+    /// Warm instances ready on this pool's agents, from their last inventories.
+    fn warm_ready(&self, _namespace: &str, _pool: &str) -> u32 {
+        0
+    }
 }
 
 /// One registered agent's load.
@@ -317,7 +321,8 @@ async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Pool
         }
     }
 
-    let status = status_of(&pool, &views, &agents, &plan.demand);
+    let mut status = status_of(&pool, &views, &agents, &plan.demand);
+    status.warm_ready = ctx.usage.warm_ready(&ns, &name);
     patch_status(&pool, &pools, status).await?;
     if let Ok(mut w) = ctx.warned.lock() {
         w.remove(&format!("{ns}/{name}"));
@@ -526,6 +531,7 @@ fn status_of(
         total_agents: agents.len() as u32,
         idle_agents: agents.len() as u32 - busy,
         busy_agents: busy,
+        warm_ready: 0,
         conditions: vec![
             condition(
                 previous,

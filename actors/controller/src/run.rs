@@ -364,6 +364,16 @@ impl AgentUsage for BookUsage {
     fn drain(&self, pod_uid: &str) -> bool {
         self.book.drain(&fsb_core::AgentId::from(pod_uid))
     }
+
+    fn warm_ready(&self, namespace: &str, pool: &str) -> u32 {
+        self.book
+            .all()
+            .into_iter()
+            .filter(|(_, a)| {
+                a.connected && a.register.namespace == namespace && a.register.pool == pool
+            })
+            .fold(0u32, |n, (_, a)| n.saturating_add(a.warm))
+    }
 }
 
 /// Wait until every running, ready agent pod has registered, at most `limit`.

@@ -110,6 +110,18 @@ pub fn default_containerd_socket(data_dir: &DataDir) -> PathBuf {
     }
 }
 
+/// The runsc `fsb bench --compare-raw --runtime gvisor` uses by default: the wrapper
+/// `fsb up` wrote in the data directory (gVisor without its netstack, as the agent runs
+/// it; plain runsc refuses to start in the host's network namespace), else `runsc`.
+pub fn default_runsc(data_dir: &DataDir) -> PathBuf {
+    let wrapper = crate::containerd::runsc_wrapper(data_dir);
+    if wrapper.exists() {
+        wrapper
+    } else {
+        PathBuf::from("runsc")
+    }
+}
+
 /// Where the raw path creates its containers.
 #[derive(Clone, Debug)]
 pub struct RawTarget {
@@ -251,6 +263,10 @@ pub struct ModeReport {
     /// With `--warm`: measured creates that went cold.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold: Option<usize>,
+    /// With `--warm`: measured creates per second of batch wall time (creates only,
+    /// the untimed removals excluded; batches wholly past the warmup).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creates_per_s: Option<f64>,
 }
 
 /// How a mode is named in the report.
@@ -319,6 +335,7 @@ impl BenchReport {
                     summary,
                     warm: None,
                     cold: None,
+                    creates_per_s: None,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
@@ -391,7 +408,11 @@ impl BenchReport {
         }
         for m in &self.modes {
             if let (Some(w), Some(c)) = (m.warm, m.cold) {
-                out.push_str(&format!("{}: {w} warm, {c} cold\n", label(m)));
+                out.push_str(&format!("{}: {w} warm, {c} cold", label(m)));
+                if let Some(rate) = m.creates_per_s {
+                    out.push_str(&format!(", {rate:.1} creates/s"));
+                }
+                out.push('\n');
             }
         }
         for (m, stages) in self.modes.iter().zip(&self.fsb_stages) {
@@ -678,12 +699,12 @@ impl RawPath {
 }
 
 /// Run `n` creates at once, then remove what was created (untimed); the timings,
-/// each with what its create returned.
+/// each with what its create returned, and the wall time of the creates.
 async fn batch<C, CF, R, RF, K>(
     n: usize,
     create: C,
     remove: R,
-) -> Result<Vec<(Duration, Stages, K)>, BenchError>
+) -> Result<(Vec<(Duration, Stages, K)>, Duration), BenchError>
 where
     C: Fn() -> CF,
     CF: Future<Output = Result<(K, Duration, Stages), BenchError>>,
@@ -691,7 +712,9 @@ where
     RF: Future<Output = Result<(), BenchError>>,
     K: Clone,
 {
+    let wall = Instant::now();
     let results = futures::future::join_all((0..n).map(|_| create())).await;
+    let wall = wall.elapsed();
     let mut timings = Vec::with_capacity(n);
     let mut created = Vec::with_capacity(n);
     let mut first_error = None;
@@ -711,7 +734,7 @@ where
         return Err(e);
     }
     removed.into_iter().collect::<Result<Vec<()>, _>>()?;
-    Ok(timings)
+    Ok((timings, wall))
 }
 
 /// Which path a batch measures.
@@ -809,6 +832,8 @@ pub async fn run(
     };
     let total = config.warmup + config.count;
     let mut fsb_samples: Vec<Vec<FsbSample>> = vec![Vec::new(); paths.len()];
+    // Creates and the wall time they took, over measured batches only.
+    let mut fsb_walls: Vec<(usize, Duration)> = vec![(0, Duration::ZERO); paths.len()];
     let mut raw_samples = Vec::new();
     let (mut done, mut round) = (0, 0);
     while done < total {
@@ -822,11 +847,15 @@ pub async fn run(
             match (lane, &raw) {
                 (Lane::Fsb(i), _) => {
                     let fsb = &paths[i];
-                    let t = batch(n, || fsb.create(), |(name, _)| fsb.delete(name)).await?;
+                    let (t, wall) = batch(n, || fsb.create(), |(name, _)| fsb.delete(name)).await?;
+                    if skip == 0 {
+                        fsb_walls[i].0 += n;
+                        fsb_walls[i].1 += wall;
+                    }
                     fsb_samples[i].extend(t.into_iter().skip(skip));
                 }
                 (Lane::Raw, Some(raw)) => {
-                    let t = batch(n, || raw.create(), |id| raw.remove(id)).await?;
+                    let (t, _) = batch(n, || raw.create(), |id| raw.remove(id)).await?;
                     raw_samples.extend(t.into_iter().skip(skip).map(|(d, s, _)| (d, s)));
                 }
                 (Lane::Raw, None) => {}
@@ -858,9 +887,13 @@ pub async fn run(
     report.raw_stages = stage_p50s(&raw_stages);
     if config.warm {
         report.measured_to = Some("process started");
-        for (m, (warm, cold)) in report.modes.iter_mut().zip(warm_counts) {
+        for ((m, (warm, cold)), (n, wall)) in
+            report.modes.iter_mut().zip(warm_counts).zip(fsb_walls)
+        {
             m.warm = Some(warm);
             m.cold = Some(cold);
+            m.creates_per_s =
+                (wall > Duration::ZERO).then(|| round3(n as f64 / wall.as_secs_f64()));
         }
     }
     Ok(report)

@@ -340,6 +340,12 @@ pub async fn run(
     dir.remove_endpoint();
     if !config.keep_sandboxes {
         stop_all(&gateway).await;
+        // Unclaimed warm instances go too (kept, they are adopted by the next start).
+        match agent.stop_warm().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed the warm instances"),
+            Err(e) => tracing::warn!(error = %e, "removing the warm instances"),
+        }
     }
     if let Err(e) = ctrd.stop().await {
         tracing::warn!(error = %e, "stopping the private containerd");

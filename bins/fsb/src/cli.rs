@@ -446,9 +446,10 @@ pub(crate) struct BenchArgs {
         default_value = "/run/fast-sandbox/bench"
     )]
     pub(crate) runtime_root: PathBuf,
-    /// runsc binary or wrapper for the raw path under gVisor.
-    #[arg(long, env = "FSB_RUNSC", value_name = "PATH", default_value = "runsc")]
-    pub(crate) runsc: PathBuf,
+    /// runsc binary or wrapper for the raw path under gVisor [default: the wrapper
+    /// `fsb up` wrote in the data directory, else runsc].
+    #[arg(long, env = "FSB_RUNSC", value_name = "PATH")]
+    pub(crate) runsc: Option<PathBuf>,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub(crate) json: bool,

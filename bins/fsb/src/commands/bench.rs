@@ -50,7 +50,10 @@ pub(crate) fn bench_config(args: &BenchArgs, settings: &Settings) -> Result<Benc
         warm: args.warm,
         raw: args.compare_raw.then(|| RawTarget {
             runtime_root: args.runtime_root.clone(),
-            runsc_binary: args.runsc.clone(),
+            runsc_binary: args
+                .runsc
+                .clone()
+                .unwrap_or_else(|| bench::default_runsc(&settings.data_dir)),
             ..RawTarget::new(
                 args.containerd_socket
                     .clone()
