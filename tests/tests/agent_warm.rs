@@ -123,7 +123,20 @@ async fn an_unclaimed_instance_stops_at_once_and_a_spent_one_cannot_be_claimed_a
     // Unclaimed: SIGTERM ends fsb-init (status 143), no SIGKILL after the grace (137).
     let mut exits = Box::pin(rt.exits().await.unwrap());
     let plan = warm_plan(&env, &rt, Runtime::Runc).await;
-    rt.create(&plan).await.unwrap();
+    let started = rt.create(&plan).await.unwrap();
+    // PID 1 of a pid namespace drops a TERM it has no handler for yet: wait until
+    // fsb-init catches it (a TERM right after the task starts could come first).
+    wait_until("fsb-init to catch SIGTERM", DEADLINE, || async move {
+        let status = tokio::fs::read_to_string(format!("/proc/{}/status", started.pid)).await?;
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (15 - 1)) != 0);
+        Ok(caught.then_some(()))
+    })
+    .await
+    .unwrap();
     let remover = {
         let (rt, id) = (rt.clone(), plan.id.clone());
         tokio::spawn(async move { rt.remove(&id, Duration::from_secs(30)).await })
