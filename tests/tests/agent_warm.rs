@@ -307,3 +307,75 @@ async fn limits_are_applied_to_a_running_instance_on_runc_and_crun() {
         assert!(rt.remove(&plan.id, Duration::from_secs(1)).await.unwrap());
     }
 }
+
+/// An instance claimed just before its agent stopped (claim recorded, containerd's
+/// labels not yet set: they follow a claim in the background): the next agent, which
+/// wants exactly such an instance, recovers it as the sandbox the claim names and sets
+/// those labels. It is never offered as a warm instance again.
+#[actix_rt::test]
+async fn an_instance_claimed_before_its_agent_stopped_is_recovered_as_that_sandbox() {
+    use std::collections::HashMap;
+
+    use fsb_agent::{AgentHandle, LABEL_WARM, warm::WarmConfig};
+    use fsb_core::labels::{LABEL_AGENT_UID, LABEL_NAMESPACE, LABEL_SANDBOX_NAME};
+
+    let env = ContainerdEnv::from_env();
+    let agent = format!("warm-claimed-{}", std::process::id());
+    let mut cfg = fsb_tests::agent_config(&env, &agent, 4);
+    let cd = fsb_agent::containerd::Containerd::connect(fsb_tests::containerd_config(&env))
+        .await
+        .unwrap();
+    let rt = ContainerdRuntime::new(cd, cfg.log_dir.clone());
+    let (key, _) = WarmConfig::parse_target(&format!("{}=1", env.image), Runtime::Runc).unwrap();
+    let mut plan = warm_plan(&env, &rt, Runtime::Runc).await;
+    plan.labels.insert(LABEL_AGENT_UID.into(), agent.clone());
+    plan.labels
+        .insert(LABEL_WARM.into(), format!("runc|{}", key.image));
+    let id = plan.id.clone();
+    rt.create(&plan).await.unwrap();
+    let claim: HashMap<String, String> = [
+        (LABEL_WARM, ""),
+        (LABEL_NAMESPACE, "team-a"),
+        (LABEL_SANDBOX_NAME, "claimed"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    rt.record_claim(&id, &claim).await.unwrap();
+
+    cfg.warm = WarmConfig {
+        targets: vec![(key, 1)],
+        init: Some(std::env::var("FSB_INIT_BIN").unwrap().into()),
+        ..WarmConfig::default()
+    };
+    let handle = AgentHandle::start(cfg).await.unwrap();
+    let inventory = handle.inventory().await.unwrap();
+    let record = inventory.iter().find(|r| r.id == id);
+    assert_eq!(
+        record.map(|r| (r.namespace.as_str(), r.name.as_str())),
+        Some(("team-a", "claimed")),
+        "{inventory:?}"
+    );
+    let warm = handle.warm_instances().await.unwrap();
+    assert!(
+        warm.iter().all(|(_, w)| *w != id),
+        "offered again: {warm:?}"
+    );
+    wait_until(
+        "containerd to hold the claim's labels",
+        DEADLINE,
+        || async {
+            let listed = rt.list(Some(&agent)).await?;
+            let o = listed.iter().find(|o| o.id == id).expect("still there");
+            let labels_pending = o.pending_labels.is_some();
+            Ok((!labels_pending
+                && o.labels.get(LABEL_SANDBOX_NAME).map(String::as_str) == Some("claimed"))
+            .then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+
+    handle.stop_warm().await.unwrap();
+    rt.remove(&id, Duration::ZERO).await.unwrap();
+}

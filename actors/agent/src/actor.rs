@@ -67,6 +67,9 @@ pub(crate) struct AgentActor {
     /// Unclaimed instances found at startup that cannot serve (not running, or no
     /// longer wanted): removed once the actor runs.
     discard: Vec<SandboxId>,
+    /// Sandboxes found claimed (claim file) without their labels in containerd: the
+    /// labels to set once the actor runs.
+    relabel: Vec<(SandboxId, HashMap<String, String>)>,
     changes: broadcast::Sender<PhaseChange>,
 }
 
@@ -97,9 +100,15 @@ impl AgentActor {
         warm.set_targets(parts.warm.targets.iter().cloned());
         let mut discard = Vec::new();
         let mut sandboxes = Vec::new();
-        for o in parts.observed {
+        let mut relabel = Vec::new();
+        for mut o in parts.observed {
             match warm_key_of(&o) {
-                None => sandboxes.push(record_of(o)),
+                None => {
+                    if let Some(labels) = o.pending_labels.take() {
+                        relabel.push((o.id.clone(), labels));
+                    }
+                    sandboxes.push(record_of(o));
+                }
                 Some(Some(key)) if o.state == TaskState::Running && warm.wanted(&key) => {
                     warm.adopt(o.id, key);
                 }
@@ -124,6 +133,7 @@ impl AgentActor {
             warm_init: parts.warm.init,
             refill_paused_until: None,
             discard,
+            relabel,
             changes,
         }
     }
@@ -157,6 +167,11 @@ impl Actor for AgentActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         for id in std::mem::take(&mut self.discard) {
             self.discard_instance(id, ctx);
+        }
+        // Instances claimed just before the last agent stopped: their labels, still.
+        for (id, labels) in std::mem::take(&mut self.relabel) {
+            let runtime = self.runtime.clone();
+            tokio::spawn(async move { runtime.set_labels_eventually(&id, &labels).await });
         }
         if self.warm_init.is_some() {
             ctx.run_interval(REFILL_INTERVAL, |act, ctx| act.refill(ctx));

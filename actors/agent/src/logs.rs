@@ -498,7 +498,12 @@ mod tests {
     async fn a_warm_instance_start_report_is_not_part_of_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let p = paths(dir.path());
-        let report = fsb_init::Started { pid: 7, unix_us: 1 }.to_line();
+        let report = fsb_init::Started {
+            pid: 7,
+            unix_us: 1,
+            spec_us: 1,
+        }
+        .to_line();
         append(&p.stdout, format!("{report}out-1\nout-2\n").as_bytes());
         append(&p.stderr, report.as_bytes());
         let (out, err) = collect(stream_logs(p.clone(), LogOptions::default())).await;

@@ -39,6 +39,7 @@ use futures::{Stream, StreamExt};
 use prost::Message;
 
 use crate::{
+    actor::LABEL_WARM,
     containerd::{Containerd, SNAPSHOTTER},
     error::AgentError,
 };
@@ -136,6 +137,9 @@ pub struct ObservedSandbox {
     /// When containerd created the container (`None` if it did not say); the janitor
     /// removes orphans only once they are older than its orphan timeout.
     pub created_at: Option<SystemTime>,
+    /// A claimed warm instance whose labels containerd does not have yet: the claim's
+    /// labels (already merged into `labels`), to be set on the container.
+    pub pending_labels: Option<HashMap<String, String>>,
 }
 
 /// A task exit seen on containerd's event stream.
@@ -295,6 +299,59 @@ impl ContainerdRuntime {
             )
             .await?;
         Ok(())
+    }
+
+    /// Where a claim's labels wait until containerd has them (beside the logs).
+    fn claim_path(&self, id: &SandboxId) -> PathBuf {
+        self.log_dir.join(id.as_str()).join("claim.json")
+    }
+
+    /// Record the claim of warm instance `id` (the labels it takes, [`LABEL_WARM`]
+    /// emptied) before handing it over. Setting labels in containerd is a database
+    /// transaction of its own (milliseconds under load), so it follows the claim in
+    /// the background ([`Self::set_labels_eventually`]); until then [`Self::list`] reads
+    /// this file, so an agent stopped in between never offers the instance again.
+    /// A plain write: it must survive the agent, not the node (whose containers end
+    /// with it).
+    pub async fn record_claim(
+        &self,
+        id: &SandboxId,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), AgentError> {
+        let json = serde_json::to_vec(labels)
+            .map_err(|e| AgentError::Internal(format!("encoding the claim of {id}: {e}")))?;
+        tokio::fs::write(self.claim_path(id), json)
+            .await
+            .map_err(|e| AgentError::Internal(format!("recording the claim of {id}: {e}")))
+    }
+
+    async fn read_claim(&self, id: &SandboxId) -> Option<HashMap<String, String>> {
+        let bytes = tokio::fs::read(self.claim_path(id)).await.ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(labels) => Some(labels),
+            Err(e) => {
+                // Written whole before the handover, so this is not a torn write.
+                tracing::warn!(sandbox = %id, error = %e, "unreadable claim file; treated as claimed");
+                Some(HashMap::from([(LABEL_WARM.to_owned(), String::new())]))
+            }
+        }
+    }
+
+    /// [`Self::set_labels`], retried (backoff up to 5 s) until containerd takes them or
+    /// the container is gone.
+    pub async fn set_labels_eventually(&self, id: &SandboxId, labels: &HashMap<String, String>) {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.set_labels(id, labels).await {
+                Ok(()) => return,
+                Err(e) if e.is_not_found() => return,
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "setting a claimed instance's labels failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// Claim a warm instance: write `spec` to its fsb-init over the stdin FIFO, then
@@ -715,13 +772,31 @@ impl ContainerdRuntime {
                 Err(e) if e.is_not_found() => (TaskState::Missing, 0),
                 Err(e) => return Err(e),
             };
+            let mut labels = c.labels;
+            // A warm instance claimed before containerd had its new labels: it is the
+            // sandbox its claim file says, never an instance to offer again.
+            let pending_labels = if labels.get(LABEL_WARM).is_some_and(|v| !v.is_empty()) {
+                self.read_claim(&id).await
+            } else {
+                None
+            };
+            if let Some(claimed) = &pending_labels {
+                for (k, v) in claimed {
+                    if v.is_empty() {
+                        labels.remove(k);
+                    } else {
+                        labels.insert(k.clone(), v.clone());
+                    }
+                }
+            }
             out.push(ObservedSandbox {
                 id,
-                labels: c.labels,
+                labels,
                 image: c.image,
                 state,
                 pid,
                 created_at: c.created_at.and_then(|t| SystemTime::try_from(t).ok()),
+                pending_labels,
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

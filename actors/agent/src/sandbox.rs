@@ -299,9 +299,9 @@ async fn start_warm(
     })
 }
 
-/// Hand the create's process to the warm instance `id`: its limits (task update),
-/// then the process spec to fsb-init and the sandbox's labels onto the container, at
-/// once. Done when fsb-init reports the process started.
+/// Hand the create's process to the warm instance `id`: its limits (task update), the
+/// claim recorded with the sandbox's labels, then the process spec to fsb-init. Done
+/// when fsb-init reports the process started; the labels reach containerd after.
 async fn claim(
     id: &SandboxId,
     runtime: &ContainerdRuntime,
@@ -328,27 +328,47 @@ async fn claim(
     }
     let limits_time = t.elapsed();
 
-    let t = Instant::now();
     let mut labels = msg.labels.clone();
     labels.insert(crate::actor::LABEL_WARM.to_owned(), String::new());
-    let (report, labelled) = tokio::join!(
-        runtime.hand_over(id, &process, HANDOVER_TIMEOUT),
-        runtime.set_labels(id, &labels)
-    );
-    let report = report?;
-    labelled?;
+    runtime.record_claim(id, &labels).await?;
+
+    let t = Instant::now();
+    let sent_us = unix_us_now();
+    let report = runtime.hand_over(id, &process, HANDOVER_TIMEOUT).await?;
+    let handover = t.elapsed();
+    // containerd's copy of the labels follows (the claim file stands for it until then).
+    let (relabel, rid) = (runtime.clone(), id.clone());
+    tokio::spawn(async move { relabel.set_labels_eventually(&rid, &labels).await });
+
+    let us = |from: u64, to: u64| Duration::from_micros(to.saturating_sub(from));
+    let mut stages = vec![
+        ("claim", claim_time),
+        ("limits", limits_time),
+        ("handover", handover),
+    ];
+    if report.spec_us > 0 {
+        // Where the handover went: to fsb-init, to the process, back to us.
+        stages.extend([
+            ("handover.deliver", us(sent_us, report.spec_us)),
+            ("handover.spawn", us(report.spec_us, report.unix_us)),
+            (
+                "handover.report",
+                us(report.unix_us, sent_us.saturating_add(micros(handover))),
+            ),
+        ]);
+    }
     Ok(CreatedSandbox {
         id: id.clone(),
         pid,
-        stages: vec![
-            ("claim", claim_time),
-            ("limits", limits_time),
-            ("handover", t.elapsed()),
-        ],
+        stages,
         warm: true,
         note: String::new(),
         started_unix_us: report.unix_us,
     })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn unix_us_now() -> u64 {

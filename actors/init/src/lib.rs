@@ -1,28 +1,29 @@
 //! fsb-init: PID 1 of a warm instance.
 //!
 //! A warm instance is a container created and started before anyone asked for it;
-//! its PID 1 is this program, injected read-only. It waits for one [`InitSpec`] line
-//! on stdin (the task's stdin FIFO, which the shim manages: the one channel that
-//! works for runc, crun and gVisor alike, where gVisor refuses host FIFOs and sockets
-//! bind-mounted into the sandbox), then:
-//! - creates the working directory if missing, starts the process as its child with
+//! its PID 1 is this program, injected read-only. At its start it forks the runner
+//! ([`fork_runner`]), so that a claim costs no fork. The runner waits for one
+//! [`InitSpec`] line on stdin (the task's stdin FIFO, which the shim manages: the one
+//! channel that works for runc, crun and gVisor alike, where gVisor refuses host
+//! FIFOs and sockets bind-mounted into the sandbox), then ([`exec_spec`]):
+//! - creates the working directory if missing and becomes the process by exec, with
 //!   exactly the given environment and user (stdout and stderr are the container's,
 //!   so they land in the sandbox's log; stdin is `/dev/null`);
-//! - has one [`Started`] line written on stdout, starting with [`REPORT_PREFIX`], by
-//!   the new process itself just before its exec: the moment it starts, and before
-//!   any output of its own (the agent takes the line out of the log);
-//! - forwards TERM, INT, HUP, QUIT, USR1, USR2 and WINCH to the child, reaps every
-//!   zombie (it is a child subreaper even when not PID 1), and returns the child's
-//!   exit status (`128 + signal` if a signal ended it) to exit with.
+//! - writes one [`Started`] line on stdout, starting with [`REPORT_PREFIX`], just
+//!   before its exec: the moment the process starts, and before any output of its
+//!   own (the agent takes the line out of the log).
 //!
-//! A TERM before the spec arrives ends it at once with status 143: a warm instance
-//! nobody claimed is stopped without waiting out a grace period.
+//! PID 1 ([`supervise`]) forwards TERM, INT, HUP, QUIT, USR1, USR2 and WINCH to the
+//! runner, reaps every zombie (it is a child subreaper even when not PID 1), and
+//! returns the runner's exit status (`128 + signal` if a signal ended it) to exit
+//! with. A signal before the spec arrives ends the runner (TERM: status 143) at once:
+//! a warm instance nobody claimed is stopped without waiting out a grace period.
 //!
 //! Invariants: one spec, one process, never reused; nothing is read from stdin
 //! after the spec line.
 
 use std::{
-    io::Write,
+    io::{BufRead, Read, Write},
     os::unix::process::CommandExt,
     path::Path,
     process::{Command, Stdio},
@@ -31,10 +32,7 @@ use std::{
 
 use rustix::process::{Pid, Signal, WaitOptions};
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader},
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// First bytes of every line fsb-init writes on stdout (ASCII record separator, so
 /// no ordinary log line starts with it).
@@ -105,6 +103,9 @@ pub enum InitError {
     /// Installing a signal handler failed.
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    /// The runner could not be forked.
+    #[error("fork: {0}")]
+    Fork(std::io::Error),
 }
 
 impl InitSpec {
@@ -158,14 +159,17 @@ pub struct Started {
     pub pid: u32,
     /// When it was started, microseconds since the Unix epoch.
     pub unix_us: u64,
+    /// When fsb-init had read the spec (0 if not reported): splits a handover into
+    /// delivery (agent -> init) and start (init -> process).
+    pub spec_us: u64,
 }
 
 impl Started {
-    /// `<REPORT_PREFIX>started pid=<pid> unix_us=<us>\n`.
+    /// `<REPORT_PREFIX>started pid=<pid> unix_us=<us> spec_us=<us>\n`.
     pub fn to_line(&self) -> String {
         format!(
-            "{REPORT_PREFIX}started pid={} unix_us={}\n",
-            self.pid, self.unix_us
+            "{REPORT_PREFIX}started pid={} unix_us={} spec_us={}\n",
+            self.pid, self.unix_us, self.spec_us
         )
     }
 
@@ -174,16 +178,19 @@ impl Started {
         let rest = line.strip_prefix(REPORT_PREFIX)?.strip_prefix("started ")?;
         let mut pid = None;
         let mut unix_us = None;
+        let mut spec_us = 0;
         for field in rest.split_whitespace() {
             match field.split_once('=') {
                 Some(("pid", v)) => pid = v.parse().ok(),
                 Some(("unix_us", v)) => unix_us = v.parse().ok(),
+                Some(("spec_us", v)) => spec_us = v.parse().unwrap_or(0),
                 _ => {}
             }
         }
         Some(Self {
             pid: pid?,
             unix_us: unix_us?,
+            spec_us,
         })
     }
 }
@@ -212,43 +219,57 @@ fn signals() -> Result<tokio::sync::mpsc::UnboundedReceiver<SignalKind>, InitErr
     Ok(rx)
 }
 
-/// Wait for the spec on `input`, run it (its start reported on stdout), and return
-/// the exit status to exit with. Call inside a tokio runtime (current-thread is enough).
-pub async fn run(input: impl AsyncRead + Unpin) -> Result<i32, InitError> {
+/// Fork the runner: the process that waits for the spec on stdin and then becomes the
+/// user's process by exec. It is forked ahead of time so that a claim costs no fork
+/// (in gVisor a fork is milliseconds). Returns its pid in the parent; never returns
+/// in the runner, which exits 127 (saying why on stderr) if it cannot exec.
+///
+/// Call first thing in `main`, while the process has one thread: the runner then
+/// allocates and reads stdin as any program would.
+#[allow(unsafe_code)]
+pub fn fork_runner() -> Result<Pid, InitError> {
     // Orphans of the process are reparented to us and reaped, PID 1 or not.
     let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
-    // Handlers first: a SIGCHLD or TERM between spawn and the loop must not be lost.
-    let mut signals = signals()?;
+    // SAFETY: no other thread exists (see above), so the child owns a consistent copy
+    // of every lock and allocator state; it runs ordinary code, then exec or exit.
+    match unsafe { libc::fork() } {
+        -1 => Err(InitError::Fork(std::io::Error::last_os_error())),
+        0 => {
+            let err = exec_spec(std::io::stdin());
+            eprintln!("fsb-init: {err}");
+            std::process::exit(EXIT_CANNOT_START)
+        }
+        pid => Pid::from_raw(pid)
+            .ok_or_else(|| InitError::Fork(std::io::Error::other(format!("fork returned {pid}")))),
+    }
+}
 
+/// In the runner: read one spec line from `input`, create the working directory,
+/// then exec the process (its start reported on stdout first). Returns only why
+/// that failed.
+pub fn exec_spec(input: impl Read) -> InitError {
     let mut line = String::new();
-    let mut reader = BufReader::new(input.take(MAX_SPEC_BYTES as u64 + 1));
-    let read = loop {
-        tokio::select! {
-            read = reader.read_line(&mut line) => break read,
-            kind = signals.recv() => {
-                if kind == Some(SignalKind::terminate()) {
-                    // Nobody claimed this instance: stop now, no grace period.
-                    return Ok(128 + 15);
-                }
-            }
-        }
-    };
-    let spec = match read {
-        Ok(0) => return Err(InitError::Read("stdin closed before a spec".into())),
+    let mut reader = std::io::BufReader::new(input.take(MAX_SPEC_BYTES as u64 + 1));
+    let spec = match reader.read_line(&mut line) {
+        Ok(0) => return InitError::Read("stdin closed before a spec".into()),
         Ok(n) if n > MAX_SPEC_BYTES => {
-            return Err(InitError::Spec(format!(
-                "longer than {MAX_SPEC_BYTES} bytes"
-            )));
+            return InitError::Spec(format!("longer than {MAX_SPEC_BYTES} bytes"));
         }
-        Ok(_) => InitSpec::parse(&line)?,
-        Err(e) => return Err(InitError::Read(e.to_string())),
+        Ok(_) => match InitSpec::parse(&line) {
+            Ok(spec) => spec,
+            Err(e) => return e,
+        },
+        Err(e) => return InitError::Read(e.to_string()),
     };
+    let spec_us = now_us();
 
-    if let Some(cwd) = &spec.cwd {
-        create_cwd(Path::new(cwd), &spec).map_err(|source| InitError::Cwd {
+    if let Some(cwd) = &spec.cwd
+        && let Err(source) = create_cwd(Path::new(cwd), &spec)
+    {
+        return InitError::Cwd {
             path: cwd.clone(),
             source,
-        })?;
+        };
     }
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
@@ -266,21 +287,25 @@ pub async fn run(input: impl AsyncRead + Unpin) -> Result<i32, InitError> {
     if let Some(uid) = spec.uid {
         cmd.uid(uid);
     }
-    report_before_exec(&mut cmd);
-    // `spawn` returns once the exec has happened (or failed).
-    let child = cmd.spawn().map_err(|source| InitError::Spawn {
+    report_before_exec(&mut cmd, spec_us);
+    InitError::Spawn {
         program: spec.argv[0].clone(),
-        source,
-    })?;
-    let pid = child.id();
-    // Our reaper collects it; dropping the handle neither waits nor kills.
-    drop(child);
+        source: cmd.exec(),
+    }
+}
 
-    let child_pid = i32::try_from(pid).ok().and_then(Pid::from_raw);
+/// In the parent: forward signals to `runner`, reap every zombie, and return the
+/// runner's exit status (`128 + signal` if a signal ended it) to exit with. A TERM
+/// before the spec arrived ends the runner at once (143): nobody claimed the
+/// instance, so it stops without a grace period. Call inside a tokio runtime
+/// (current-thread is enough).
+pub async fn supervise(runner: Pid) -> Result<i32, InitError> {
+    let mut signals = signals()?;
     loop {
-        // Reap everything that has exited; the child's status ends the wait.
+        // Reap everything that has exited (also what exited before the handlers
+        // were installed); the runner's status ends the wait.
         while let Ok(Some((reaped, status))) = rustix::process::wait(WaitOptions::NOHANG) {
-            if Some(reaped) == child_pid {
+            if reaped == runner {
                 return Ok(status
                     .exit_status()
                     .or_else(|| status.terminating_signal().map(|s| 128 + s))
@@ -291,10 +316,8 @@ pub async fn run(input: impl AsyncRead + Unpin) -> Result<i32, InitError> {
             None => return Err(InitError::Read("signal handlers ended".into())),
             Some(kind) if kind == SignalKind::child() => {}
             Some(kind) => {
-                if let (Some(sig), Some(pid)) =
-                    (Signal::from_named_raw(kind.as_raw_value()), child_pid)
-                {
-                    let _ = rustix::process::kill_process(pid, sig);
+                if let Some(sig) = Signal::from_named_raw(kind.as_raw_value()) {
+                    let _ = rustix::process::kill_process(runner, sig);
                 }
             }
         }
@@ -305,19 +328,19 @@ pub async fn run(input: impl AsyncRead + Unpin) -> Result<i32, InitError> {
 /// Written by the child so it precedes anything the process prints: written by us
 /// after `spawn`, it could land after the process's first output.
 #[allow(unsafe_code)]
-fn report_before_exec(cmd: &mut Command) {
+fn report_before_exec(cmd: &mut Command, spec_us: u64) {
     // SAFETY: the hook runs in the forked child before exec. It does not allocate or
     // take locks: `getpid`, `clock_gettime` (SystemTime::now) and `write` are
     // async-signal-safe, and the line is formatted into a stack buffer.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             let mut buf = [0u8; 128];
             let len = {
                 let mut w: &mut [u8] = &mut buf;
                 let before = w.len();
                 writeln!(
                     w,
-                    "{REPORT_PREFIX}started pid={} unix_us={}",
+                    "{REPORT_PREFIX}started pid={} unix_us={} spec_us={spec_us}",
                     std::process::id(),
                     now_us()
                 )?;
@@ -401,9 +424,19 @@ mod tests {
         let s = Started {
             pid: 42,
             unix_us: 1_700_000_000_123_456,
+            spec_us: 1_700_000_000_120_000,
         };
         assert_eq!(Started::parse(&s.to_line()), Some(s));
         assert_eq!(Started::parse("started pid=1 unix_us=2"), None);
+        // An older fsb-init's report, without spec_us.
+        assert_eq!(
+            Started::parse(&format!("{REPORT_PREFIX}started pid=1 unix_us=2")),
+            Some(Started {
+                pid: 1,
+                unix_us: 2,
+                spec_us: 0
+            })
+        );
         assert_eq!(
             Started::parse(&format!("{REPORT_PREFIX}started pid=x")),
             None

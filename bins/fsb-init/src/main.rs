@@ -1,23 +1,19 @@
-//! fsb-init: PID 1 of a warm instance (see `fsb_init`). Reads the process spec from
-//! stdin, runs it, exits with its status; 127 if it cannot be started.
+//! fsb-init: PID 1 of a warm instance (see `fsb_init`). Forks the runner, which reads
+//! the process spec from stdin and becomes that process; forwards signals to it and
+//! exits with its status; 127 if it cannot be started.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fsb-init: runtime: {e}");
-            return ExitCode::from(127);
-        }
-    };
-    let status = runtime.block_on(fsb_init::run(tokio::io::stdin()));
-    // tokio's stdin read runs on a blocking thread that cannot be cancelled: dropping
-    // the runtime would wait for input that never comes (a TERM before any spec).
-    runtime.shutdown_background();
+    // First, while single-threaded: the runtime below starts no thread the runner
+    // would inherit half-way.
+    let status = fsb_init::fork_runner().and_then(|runner| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(fsb_init::InitError::Signal)?
+            .block_on(fsb_init::supervise(runner))
+    });
     match status {
         Ok(code) => ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)),
         Err(e) => {

@@ -59,6 +59,25 @@ fn wait_for_term_handler(pid: u32) {
     }
 }
 
+/// The one child `pid` has forked (waiting for it to appear).
+fn runner_of(pid: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        let pids: Vec<u32> = children
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        match pids[..] {
+            [runner] => return runner,
+            [] => assert!(Instant::now() < deadline, "no runner forked"),
+            _ => panic!("more than one child: {pids:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn term(pid: u32) {
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -75,11 +94,18 @@ fn runs_the_spec_with_its_env_and_a_created_cwd_then_exits_with_its_status() {
     spec.env.push(("A".into(), "hello world".into()));
     spec.cwd = Some(cwd.display().to_string());
     let mut child = init();
+    let runner = runner_of(child.id());
     send(&mut child, &spec);
     let out: Vec<String> = lines(&mut child).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(3), "{out:?}");
     let report = Started::parse(&out[0]).unwrap_or_else(|| panic!("first line {out:?}"));
+    // The process is the runner forked before the spec came: a claim costs no fork.
+    assert_eq!(report.pid, runner);
+    assert!(
+        report.spec_us > 0 && report.spec_us <= report.unix_us,
+        "{report:?}"
+    );
     // Written by the process itself before its exec: its own pid, before its output.
     assert_eq!(out[4], report.pid.to_string());
     assert_eq!(
