@@ -10,6 +10,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use fsb_agent::{LABEL_WARM, runtime::TaskState};
+use fsb_core::labels::LABEL_SANDBOX_NAME;
 use fsb_proto::fastpath::v1 as fp;
 use fsb_tests::{
     ContainerdEnv,
@@ -158,8 +159,60 @@ async fn creates_take_warm_instances_fall_back_cold_and_the_level_recovers() {
         );
     }
 
-    // The pool refills to its target.
+    // Claimed instances carry their sandbox's labels in containerd (set after the
+    // handover, in the background).
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    for (name, id, _) in &warm {
+        wait_until(
+            "a claimed instance's labels",
+            Duration::from_secs(10),
+            || {
+                let (rt, agent) = (rt.clone(), agent.clone());
+                async move {
+                    let listed = rt.list(Some(&agent)).await?;
+                    let o = listed.iter().find(|o| o.id.as_str() == id).unwrap();
+                    Ok((o.pending_labels.is_none()
+                        && !o.labels.contains_key(LABEL_WARM)
+                        && o.labels.get(LABEL_SANDBOX_NAME) == Some(name))
+                    .then_some(()))
+                }
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    // The pool refills to its target, and `fsb ls` (List) shows the level.
     wait_for_level(&env, &agent).await;
+    let image = fsb_core::ImageRef::parse("image", &env.image)
+        .unwrap()
+        .to_string();
+    wait_until(
+        "List to show the warm level",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            let image = image.clone();
+            async move {
+                let warm = client
+                    .list(fp::ListRequest::default())
+                    .await?
+                    .into_inner()
+                    .warm;
+                Ok(warm
+                    .iter()
+                    .any(|w| {
+                        w.pool_ref == "default"
+                            && w.image == image
+                            && w.runtime == fp::Runtime::Runc as i32
+                            && w.ready as usize >= WARM
+                    })
+                    .then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap();
 
     for (name, _, _) in &created {
         client

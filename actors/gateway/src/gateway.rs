@@ -26,7 +26,7 @@ use fsb_agent::{SandboxPhase, server::BoxStream, state::PhaseChange, state::Sand
 use fsb_core::{
     AgentId, ImageRef, NamespaceName, NodeName, PoolName, RequestId, SandboxId, SandboxName,
     ValidSpec,
-    spec::{FailurePolicy, SpecDigest, SpecLimits, validate_labels},
+    spec::{FailurePolicy, Runtime, SpecDigest, SpecLimits, validate_labels},
 };
 use fsb_proto::{agent::v1 as av, fastpath::v1 as fp};
 use fsb_registry::{AllocateRequest, RegistryHandle};
@@ -836,6 +836,45 @@ impl<S: SandboxStore> Gateway<S> {
             );
         }
         Ok(out.into_values().collect())
+    }
+
+    /// Ready warm instances per (namespace, pool, image, runtime) over healthy agents,
+    /// after `req`'s namespace and pool filters (labels do not apply), sorted.
+    pub async fn warm_levels(
+        &self,
+        req: &fp::ListRequest,
+    ) -> Result<Vec<fp::WarmLevel>, GatewayError> {
+        let snapshot = self.inner.registry.snapshot().await?;
+        let mut levels: BTreeMap<(String, String, String, Runtime), u32> = BTreeMap::new();
+        for agent in snapshot.agents.iter().filter(|a| a.info.healthy) {
+            let info = &agent.info;
+            if (!req.namespace.is_empty() && info.namespace.as_str() != req.namespace)
+                || (!req.pool_ref.is_empty() && info.pool.as_str() != req.pool_ref)
+            {
+                continue;
+            }
+            for w in &info.warm {
+                let key = (
+                    info.namespace.to_string(),
+                    info.pool.to_string(),
+                    w.image.to_string(),
+                    w.runtime,
+                );
+                *levels.entry(key).or_default() += 1;
+            }
+        }
+        Ok(levels
+            .into_iter()
+            .map(
+                |((namespace, pool_ref, image, runtime), ready)| fp::WarmLevel {
+                    namespace,
+                    pool_ref,
+                    image,
+                    runtime: convert::runtime(Some(runtime)) as i32,
+                    ready,
+                },
+            )
+            .collect())
     }
 
     /// Changes, optionally preceded by the current state (as ADDED).

@@ -143,11 +143,10 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         &self,
         request: Request<fp::ListRequest>,
     ) -> Result<Response<fp::ListResponse>, Status> {
-        self.gateway
-            .list(request.into_inner())
-            .await
-            .map(|sandboxes| Response::new(fp::ListResponse { sandboxes }))
-            .map_err(status)
+        let req = request.into_inner();
+        let warm = self.gateway.warm_levels(&req).await.map_err(status)?;
+        let sandboxes = self.gateway.list(req).await.map_err(status)?;
+        Ok(Response::new(fp::ListResponse { sandboxes, warm }))
     }
 
     async fn update(

@@ -175,6 +175,32 @@ pub(crate) struct SandboxListDoc {
     pub(crate) api_version: &'static str,
     pub(crate) kind: &'static str,
     pub(crate) items: Vec<SandboxDoc>,
+    /// Ready warm instances of the pools listed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) warm: Vec<WarmLevelDoc>,
+}
+
+/// Ready warm instances of one image and runtime in one pool (`fsb ls`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct WarmLevelDoc {
+    pub(crate) namespace: String,
+    pub(crate) pool_ref: String,
+    pub(crate) image: String,
+    pub(crate) runtime: &'static str,
+    pub(crate) ready: u32,
+}
+
+impl From<&fp::WarmLevel> for WarmLevelDoc {
+    fn from(w: &fp::WarmLevel) -> Self {
+        Self {
+            namespace: w.namespace.clone(),
+            pool_ref: w.pool_ref.clone(),
+            image: w.image.clone(),
+            runtime: runtime_name(w.runtime),
+            ready: w.ready,
+        }
+    }
 }
 
 /// A protobuf timestamp as RFC 3339 (UTC, seconds), `None` if unset or before 1970.
@@ -433,6 +459,26 @@ pub(crate) fn sandbox_table(sandboxes: &[fp::Sandbox], now: SystemTime) -> Strin
     )
 }
 
+/// Ready warm instances per pool, image and runtime (below `fsb ls`'s sandboxes).
+pub(crate) fn warm_table(levels: &[fp::WarmLevel]) -> String {
+    let rows: Vec<Vec<String>> = levels
+        .iter()
+        .map(|w| {
+            vec![
+                w.namespace.clone(),
+                w.pool_ref.clone(),
+                w.image.clone(),
+                runtime_name(w.runtime).to_owned(),
+                w.ready.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAMESPACE", "POOL", "WARM_IMAGE", "RUNTIME", "READY"],
+        &rows,
+    )
+}
+
 /// Stages with durations in milliseconds (for `run --timings` and `get`).
 pub(crate) fn timeline_text(t: &fp::Timeline) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
@@ -674,6 +720,31 @@ mod tests {
                 "agent-1",
                 "5m",
                 "127.0.0.1:8080"
+            ]
+        );
+    }
+
+    #[test]
+    fn warm_levels_are_a_table_of_their_own() {
+        let t = warm_table(&[fp::WarmLevel {
+            namespace: "default".into(),
+            pool_ref: "default".into(),
+            image: "docker.io/library/busybox:latest".into(),
+            runtime: fp::Runtime::Gvisor as i32,
+            ready: 3,
+        }]);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            lines,
+            [
+                vec!["NAMESPACE", "POOL", "WARM_IMAGE", "RUNTIME", "READY"],
+                vec![
+                    "default",
+                    "default",
+                    "docker.io/library/busybox:latest",
+                    "gvisor",
+                    "3"
+                ]
             ]
         );
     }

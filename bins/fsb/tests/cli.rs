@@ -44,6 +44,8 @@ struct State {
     creates: Vec<fp::CreateRequest>,
     /// Watch calls received.
     watches: usize,
+    /// Warm levels List returns.
+    warm: Vec<fp::WarmLevel>,
 }
 
 #[derive(Clone, Default)]
@@ -208,7 +210,8 @@ impl FastPath for FakeFastPath {
             })
             .cloned()
             .collect();
-        Ok(Response::new(fp::ListResponse { sandboxes }))
+        let warm = st.warm.clone();
+        Ok(Response::new(fp::ListResponse { sandboxes, warm }))
     }
 
     async fn update(
@@ -572,6 +575,32 @@ fn run_ls_get_rm_round_trip() {
         "only the header: {}",
         stdout(&out)
     );
+
+    // Ready warm instances follow the sandboxes, as a table of their own.
+    f.state.lock().unwrap().warm = vec![fp::WarmLevel {
+        namespace: "default".into(),
+        pool_ref: "default".into(),
+        image: "fsb.local/busybox:latest".into(),
+        runtime: fp::Runtime::Runc as i32,
+        ready: 4,
+    }];
+    let out = f.fsb(&["ls"]);
+    let text = stdout(&out);
+    let last: Vec<&str> = text.lines().last().unwrap().split_whitespace().collect();
+    assert_eq!(
+        last,
+        [
+            "default",
+            "default",
+            "fsb.local/busybox:latest",
+            "runc",
+            "4"
+        ],
+        "{text}"
+    );
+    let out = f.fsb(&["ls", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["warm"][0]["ready"], 4, "{}", stdout(&out));
 
     let out = f.fsb(&["get", "web", "-o", "json"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));

@@ -12,7 +12,7 @@ use crate::{
     commands::run::{copy_logs, timestamp},
     config::Settings,
     error::{CliError, exit},
-    output::{self, SandboxDoc, SandboxListDoc},
+    output::{self, SandboxDoc, SandboxListDoc, WarmLevelDoc},
 };
 
 /// `-l a=b,c=d -l e=f` as one map.
@@ -43,7 +43,7 @@ pub(crate) async fn ls(args: &LsArgs, settings: &Settings) -> Result<u8, CliErro
         label_selector: parse_selector(&args.selector)?,
     };
     let conn = Conn::connect(settings).await?;
-    let mut list = conn
+    let resp = conn
         .fast_path()
         .list(req)
         .await
@@ -52,17 +52,25 @@ pub(crate) async fn ls(args: &LsArgs, settings: &Settings) -> Result<u8, CliErro
         } else {
             format!("list {namespace}")
         }))?
-        .into_inner()
-        .sandboxes;
+        .into_inner();
+    let mut list = resp.sandboxes;
     list.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     match settings.output {
-        OutputFormat::Table => output::print(&output::sandbox_table(&list, SystemTime::now())),
+        OutputFormat::Table => {
+            let mut text = output::sandbox_table(&list, SystemTime::now());
+            if !resp.warm.is_empty() {
+                text.push('\n');
+                text.push_str(&output::warm_table(&resp.warm));
+            }
+            output::print(&text);
+        }
         f => output::print(&output::render_doc(
             f,
             &SandboxListDoc {
                 api_version: output::API_VERSION,
                 kind: "SandboxList",
                 items: list.iter().map(SandboxDoc::from).collect(),
+                warm: resp.warm.iter().map(WarmLevelDoc::from).collect(),
             },
         )?),
     }
