@@ -504,7 +504,7 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use fsb_core::spec::{EnvVar, ResourcesSpec, SandboxSpec, SpecLimits};
 
     use super::*;
@@ -691,7 +691,8 @@ mod tests {
 
     // --- the whole spec ----------------------------------------------------------------
 
-    fn valid_spec(edit: impl FnOnce(&mut SandboxSpec)) -> ValidSpec {
+    /// A valid spec (default namespace, pool `pool`, busybox) after `edit`.
+    pub(crate) fn valid_spec(edit: impl FnOnce(&mut SandboxSpec)) -> ValidSpec {
         let mut spec = SandboxSpec {
             namespace: "default".into(),
             pool_ref: "pool".into(),

@@ -7,7 +7,7 @@ use std::{pin::Pin, time::Duration};
 use fsb_core::{
     SandboxId,
     error::to_status,
-    spec::{EnvVar, ResourcesSpec, SandboxSpec, SpecLimits},
+    spec::{EnvVar, ResourcesSpec, Runtime, SandboxSpec, SpecLimits},
 };
 use fsb_proto::{
     agent::v1::{
@@ -235,11 +235,26 @@ pub fn core_spec(
 }
 
 fn runtime_name(r: fp::Runtime) -> &'static str {
+    core_runtime(r).map_or("", Runtime::as_str)
+}
+
+/// The wire runtime of `r`: the one place core and protobuf runtimes meet (with
+/// [`core_runtime`]).
+pub fn wire_runtime(r: Runtime) -> fp::Runtime {
     match r {
-        fp::Runtime::Unspecified => "",
-        fp::Runtime::Runc => "runc",
-        fp::Runtime::Crun => "crun",
-        fp::Runtime::Gvisor => "gvisor",
+        Runtime::Runc => fp::Runtime::Runc,
+        Runtime::Crun => fp::Runtime::Crun,
+        Runtime::Gvisor => fp::Runtime::Gvisor,
+    }
+}
+
+/// The runtime `r` names; `None` for unspecified.
+pub fn core_runtime(r: fp::Runtime) -> Option<Runtime> {
+    match r {
+        fp::Runtime::Unspecified => None,
+        fp::Runtime::Runc => Some(Runtime::Runc),
+        fp::Runtime::Crun => Some(Runtime::Crun),
+        fp::Runtime::Gvisor => Some(Runtime::Gvisor),
     }
 }
 

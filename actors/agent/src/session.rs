@@ -35,14 +35,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use fsb_core::{SandboxId, spec::Runtime};
+use fsb_core::SandboxId;
 use fsb_proto::{
     agent::v1::{
         AgentMessage, ControllerMessage, Heartbeat, ImageInfo, Inventory, Register, SandboxEvent,
         SandboxInfo, WarmCount, agent_control_client::AgentControlClient,
         agent_message::Msg as Out, controller_message::Msg as In,
     },
-    fastpath::v1::{self as fp, Phase},
+    fastpath::v1::Phase,
 };
 use tokio::{
     sync::{broadcast, mpsc},
@@ -385,19 +385,11 @@ fn warm_counts(ready: &[(WarmKey, SandboxId)]) -> Vec<WarmCount> {
         .into_iter()
         .map(|(key, ids)| WarmCount {
             image: key.image.to_string(),
-            runtime: runtime_proto(key.runtime) as i32,
+            runtime: crate::server::wire_runtime(key.runtime) as i32,
             ready: u32::try_from(ids.len()).unwrap_or(u32::MAX),
             sandbox_ids: ids,
         })
         .collect()
-}
-
-fn runtime_proto(r: Runtime) -> fp::Runtime {
-    match r {
-        Runtime::Runc => fp::Runtime::Runc,
-        Runtime::Crun => fp::Runtime::Crun,
-        Runtime::Gvisor => fp::Runtime::Gvisor,
-    }
 }
 
 impl InventoryState {

@@ -339,20 +339,11 @@ impl WarmState {
 
 #[cfg(test)]
 mod tests {
-    use fsb_core::spec::{EnvVar, SandboxSpec, SpecLimits};
+    use fsb_core::spec::EnvVar;
 
     use super::*;
 
-    fn valid(edit: impl FnOnce(&mut SandboxSpec)) -> ValidSpec {
-        let mut spec = SandboxSpec {
-            namespace: "default".into(),
-            pool_ref: "pool".into(),
-            image: "busybox".into(),
-            ..SandboxSpec::default()
-        };
-        edit(&mut spec);
-        spec.validate(&SpecLimits::default()).unwrap()
-    }
+    use crate::oci::tests::valid_spec as valid;
 
     #[test]
     fn a_claim_binds_what_a_cold_create_would() {

@@ -26,11 +26,19 @@ use std::{
 };
 
 use dashmap::DashMap;
-use fsb_agent::{SandboxRecord, server::BoxStream, session::phase_from_wire, state::PhaseChange};
+use fsb_agent::{
+    SandboxRecord,
+    server::{BoxStream, core_runtime},
+    session::phase_from_wire,
+    state::PhaseChange,
+};
 use fsb_core::{
     AgentId, HostPort, ImageRef, NamespaceName, NodeName, PoolName, SandboxId, spec::Runtime,
 };
-use fsb_gateway::{Gateway, agents::AgentClient};
+use fsb_gateway::{
+    Gateway,
+    agents::{AgentClient, reported},
+};
 use fsb_proto::{
     agent::v1::{
         self as av, AgentMessage, ControllerMessage, Inventory, Register, Registered,
@@ -323,7 +331,7 @@ fn warm_of(inv: &Inventory) -> Vec<WarmInstance> {
         .iter()
         .filter_map(|w| {
             let image = ImageRef::parse("warm.image", &w.image).ok()?;
-            let runtime = runtime_of(w.runtime())?;
+            let runtime = core_runtime(w.runtime())?;
             Some(
                 w.sandbox_ids
                     .iter()
@@ -340,15 +348,6 @@ fn warm_of(inv: &Inventory) -> Vec<WarmInstance> {
         .collect()
 }
 
-fn runtime_of(r: fp::Runtime) -> Option<Runtime> {
-    match r {
-        fp::Runtime::Runc => Some(Runtime::Runc),
-        fp::Runtime::Crun => Some(Runtime::Crun),
-        fp::Runtime::Gvisor => Some(Runtime::Gvisor),
-        fp::Runtime::Unspecified => None,
-    }
-}
-
 fn info(reg: &Register, healthy: bool, warm: Vec<WarmInstance>) -> Result<AgentInfo, Status> {
     Ok(AgentInfo {
         id: AgentId::from(reg.agent_id.as_str()),
@@ -361,19 +360,9 @@ fn info(reg: &Register, healthy: bool, warm: Vec<WarmInstance>) -> Result<AgentI
             .ok_or_else(|| Status::invalid_argument("register.capacity: must be at least 1"))?,
         images: Vec::new(),
         healthy,
-        default_runtime: runtime_of(reg.default_runtime()).unwrap_or(Runtime::Runc),
+        default_runtime: core_runtime(reg.default_runtime()).unwrap_or(Runtime::Runc),
         warm,
     })
-}
-
-fn reported(records: &[SandboxRecord]) -> Vec<ReportedSandbox> {
-    records
-        .iter()
-        .map(|c| ReportedSandbox {
-            id: c.id.clone(),
-            ports: c.ports.clone(),
-        })
-        .collect()
 }
 
 #[tonic::async_trait]

@@ -17,6 +17,18 @@ use fsb_proto::{
 use futures::future::BoxFuture;
 use tonic::{Request, Status};
 
+/// An agent's inventory as the registry takes it in a report (local and Kubernetes
+/// mode report the same way).
+pub fn reported(records: &[fsb_agent::SandboxRecord]) -> Vec<fsb_registry::ReportedSandbox> {
+    records
+        .iter()
+        .map(|c| fsb_registry::ReportedSandbox {
+            id: c.id.clone(),
+            ports: c.ports.clone(),
+        })
+        .collect()
+}
+
 /// What the gateway asks of an agent.
 pub trait AgentClient: Send + Sync + 'static {
     /// Create and start a sandbox (idempotent by id on the agent).

@@ -55,12 +55,7 @@ pub fn phase(p: Phase) -> fp::Phase {
 
 /// The wire runtime.
 pub fn runtime(r: Option<Runtime>) -> fp::Runtime {
-    match r {
-        None => fp::Runtime::Unspecified,
-        Some(Runtime::Runc) => fp::Runtime::Runc,
-        Some(Runtime::Crun) => fp::Runtime::Crun,
-        Some(Runtime::Gvisor) => fp::Runtime::Gvisor,
-    }
+    r.map_or(fp::Runtime::Unspecified, fsb_agent::server::wire_runtime)
 }
 
 /// The wire failure policy.

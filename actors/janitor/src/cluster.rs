@@ -166,16 +166,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_claim_label_wins_over_metadata_uid() {
-        let mut s = Sandbox::new(
+    /// A Sandbox `web` as kubectl would create it.
+    fn web() -> Sandbox {
+        Sandbox::new(
             "web",
             SandboxSpec {
                 image: "busybox".into(),
                 pool_ref: "default".into(),
                 ..SandboxSpec::default()
             },
-        );
+        )
+    }
+
+    #[test]
+    fn the_claim_label_wins_over_metadata_uid() {
+        let mut s = web();
         s.metadata.uid = Some("meta-uid".into());
         assert_eq!(sandbox_facts(&s).claim_uid, "meta-uid");
         s.metadata.labels = Some([(LABEL_CLAIM_UID.to_owned(), "fast-claim".to_owned())].into());
@@ -188,14 +193,7 @@ mod tests {
     /// states none.
     #[test]
     fn a_sandbox_states_its_id_before_its_status_is_written() {
-        let mut s = Sandbox::new(
-            "web",
-            SandboxSpec {
-                image: "busybox".into(),
-                pool_ref: "default".into(),
-                ..SandboxSpec::default()
-            },
-        );
+        let mut s = web();
         // kubectl-made, not placed yet: no id stated.
         s.metadata.uid = Some("6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".into());
         assert_eq!(sandbox_facts(&s).sandbox_id, None);

@@ -798,7 +798,7 @@ pub async fn run(
                 command: BENCH_COMMAND.iter().map(|s| (*s).to_owned()).collect(),
                 runtime: config
                     .runtime
-                    .map_or(fp::Runtime::Unspecified, proto_runtime)
+                    .map_or(fp::Runtime::Unspecified, fsb_agent::server::wire_runtime)
                     as i32,
                 ..Default::default()
             }),
@@ -897,14 +897,6 @@ pub async fn run(
         }
     }
     Ok(report)
-}
-
-fn proto_runtime(runtime: Runtime) -> fp::Runtime {
-    match runtime {
-        Runtime::Runc => fp::Runtime::Runc,
-        Runtime::Crun => fp::Runtime::Crun,
-        Runtime::Gvisor => fp::Runtime::Gvisor,
-    }
 }
 
 #[cfg(test)]

@@ -15,9 +15,11 @@ use fsb_agent::{
     AgentConfig, AgentHandle, DEFAULT_LOG_MAX_BYTES, image::RegistryOptions, oci::NetworkMode,
 };
 use fsb_core::{AgentId, NamespaceName, NodeName, PoolName, spec::Runtime, spec::SpecLimits};
-use fsb_gateway::{FastPathService, Gateway, GatewayConfig, LocalAgent, LocalImages, TokenCheck};
+use fsb_gateway::{
+    FastPathService, Gateway, GatewayConfig, LocalAgent, LocalImages, TokenCheck, agents::reported,
+};
 use fsb_proto::{ServingStatus, fastpath::v1 as fp, standard_services};
-use fsb_registry::{AgentInfo, AgentReport, RegistryHandle, ReportedSandbox, WarmInstance};
+use fsb_registry::{AgentInfo, AgentReport, RegistryHandle, WarmInstance};
 use fsb_store::{SandboxStore, SqliteStore};
 
 use crate::{DataDir, LocalError, busybox, containerd};
@@ -90,16 +92,6 @@ impl UpConfig {
             warm: fsb_agent::warm::WarmConfig::default(),
         }
     }
-}
-
-fn reported(records: &[fsb_agent::SandboxRecord]) -> Vec<ReportedSandbox> {
-    records
-        .iter()
-        .map(|c| ReportedSandbox {
-            id: c.id.clone(),
-            ports: c.ports.clone(),
-        })
-        .collect()
 }
 
 /// How often the local agent's warm instances are compared with the registry's.

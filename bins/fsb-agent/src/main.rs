@@ -229,11 +229,7 @@ async fn run(
             .map(i32::from)
             .collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        default_runtime: match default_runtime {
-            Runtime::Runc => fp::Runtime::Runc,
-            Runtime::Crun => fp::Runtime::Crun,
-            Runtime::Gvisor => fp::Runtime::Gvisor,
-        } as i32,
+        default_runtime: fsb_agent::server::wire_runtime(default_runtime) as i32,
     };
     let agent = AgentHandle::start(AgentConfig {
         agent_id: AgentId::from(config.agent_id),
