@@ -343,6 +343,10 @@ async fn prometheus_scrapes_fsb_up_and_every_dashboard_query_returns_data() {
 
     prom.kill().await.unwrap();
     up.terminate(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        !dir.join("up/metrics").exists(),
+        "the metrics file goes with the process, like the endpoint file"
+    );
     // --stop-sandboxes-on-exit: nothing of this agent is left in containerd.
     let rt = fsb_tests::container_runtime(&env).await.unwrap();
     let left = rt.list(Some(&agent)).await.unwrap();
