@@ -2,8 +2,8 @@
 //! `fsb up` (with two warm instances) serves `/metrics` on a loopback port it writes
 //! to `<data-dir>/metrics` and logs once; Prometheus scrapes it every second; creates
 //! through the fast path (FAST warm and cold, STRONG, one invalid) move the create
-//! histogram and the counters, the registry's slots and warm levels and the phase
-//! gauges show up; no sandbox id or name is ever a label; and every PromQL
+//! histogram and the counters, a failed `fsb image pull` is counted, the registry's
+//! slots and warm levels and the phase gauges show up; no sandbox id or name is ever a label; and every PromQL
 //! expression of the Grafana dashboard (`deploy/dashboards/fast-sandbox.json`)
 //! returns data. Real containerd, real `fsb up` binary, real Prometheus.
 
@@ -280,6 +280,28 @@ async fn prometheus_scrapes_fsb_up_and_every_dashboard_query_returns_data() {
             .await
             .unwrap(),
         1.0
+    );
+    // A pull that cannot succeed (nothing listens on port 1) is counted as an error.
+    let pull = tokio::process::Command::new(fsb_tests::local::fsb_bin())
+        .arg("--data-dir")
+        .arg(&up.data_dir)
+        .args(["image", "pull", "127.0.0.1:1/fsb/none:1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!pull.status.success(), "{pull:?}");
+    prom.wait_for(
+        r#"sum(fsb_image_pulls_total{result="error"})"#,
+        1.0,
+        SCRAPED,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        prom.sum(r#"sum(fsb_image_pulls_total{result="ok"})"#)
+            .await
+            .unwrap(),
+        0.0
     );
     let scraped = |expr: &'static str, min: f64| {
         let prom = &prom;
