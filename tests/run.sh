@@ -41,7 +41,8 @@ prune_target_cache
 export FSB_TEST_RUN_DIR="${FSB_TEST_RUN_DIR:-/tmp/fsb-test}"
 
 # Debian packages the suites need, each with the command that shows it is there
-# (gcc: Rust's linker; libc6-dev: its static libc for the static fsb-init build).
+# (gcc: Rust's linker; libc6-dev: its static libc for the static fsb-init build;
+# prometheus: the real scraper of tests/tests/local_metrics.rs).
 PACKAGES=(
   containerd:containerd
   runc:runc
@@ -58,6 +59,7 @@ PACKAGES=(
   iproute2:ss
   gcc:gcc
   libc6-dev:
+  prometheus:prometheus
 )
 
 say() { echo "==> $*" >&2; }
@@ -135,6 +137,8 @@ build_bins() {
   export FSB_JANITOR_BIN="$FSB_TEST_RUN_DIR/bin/fsb-janitor"
   export FSB_CONTROLLER_BIN="$FSB_TEST_RUN_DIR/bin/fsb-controller"
   export FSB_INIT_BIN="$FSB_TEST_RUN_DIR/bin/fsb-init"
+  # The metrics tests start Debian's Prometheus (tests/src/prometheus.rs).
+  export FSB_PROMETHEUS_BIN="${FSB_PROMETHEUS_BIN:-$(command -v prometheus || echo /usr/bin/prometheus)}"
 }
 
 run_lint() {

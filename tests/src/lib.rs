@@ -40,6 +40,7 @@ pub mod k8s;
 #[cfg(feature = "k8s")]
 pub mod kubelet;
 pub mod local;
+pub mod prometheus;
 pub mod spec;
 pub mod wait;
 

@@ -232,6 +232,7 @@ pub async fn run(
 }
 
 fn error_policy(pool: Arc<SandboxPool>, error: &PoolError, ctx: Arc<Ctx>) -> Action {
+    fsb_telemetry::metrics().reconcile_errors.inc("pools");
     let key = format!(
         "{}/{}",
         pool.namespace().unwrap_or_default(),

@@ -66,6 +66,8 @@ pub struct ControllerConfig {
     /// Gateway settings (record retries, sweep period); limits and namespace are set
     /// from the fields above.
     pub gateway: GatewayConfig,
+    /// Where Prometheus metrics are served (`GET /metrics`); None: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ControllerConfig {
@@ -86,6 +88,7 @@ impl Default for ControllerConfig {
             pool_resync: Duration::from_secs(2),
             lease: None,
             gateway: GatewayConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -97,6 +100,8 @@ pub struct Addresses {
     pub fast_path: SocketAddr,
     /// AgentControl.
     pub agents: SocketAddr,
+    /// `/metrics`, if served.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What a running controller shares (tests inspect it; the pool reconciler reads it).
@@ -149,13 +154,14 @@ pub async fn run(
     };
     let fast_listener = bind("--listen", config.listen).await?;
     let agent_listener = bind("--agent-listen", config.agent_listen).await?;
-    let addrs = Addresses {
+    let mut addrs = Addresses {
         fast_path: fast_listener
             .local_addr()
             .map_err(|e| ControllerError::Setup(e.to_string()))?,
         agents: agent_listener
             .local_addr()
             .map_err(|e| ControllerError::Setup(e.to_string()))?,
+        metrics: None,
     };
 
     let limits = SpecLimits {
@@ -175,6 +181,18 @@ pub async fn run(
         store,
         registry.clone(),
     );
+    // Metrics first among the servers, so a controller still waiting for its agents
+    // can already be scraped.
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = config.metrics_listen {
+        let server = fsb_telemetry::MetricsServer::bind(addr)
+            .await
+            .map_err(|e| ControllerError::Setup(e.to_string()))?;
+        addrs.metrics = Some(server.local_addr());
+        tokio::spawn(gateway.metrics_hook(server).run(async {
+            let _ = metrics_stopped.await;
+        }));
+    }
     let book = Arc::new(AgentBook::default());
     let identity: Arc<dyn AgentIdentity> = Arc::new(PodIdentity::new(client.clone()));
     let agent_service = AgentControlService::new(
@@ -325,6 +343,7 @@ pub async fn run(
         );
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), agent_server).await;
+    let _ = metrics_stop.send(());
     if lost_lead {
         return Err(ControllerError::Setup(
             "lost the leader lease; another replica takes over".into(),

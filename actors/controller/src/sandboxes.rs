@@ -173,6 +173,7 @@ impl SandboxLoop {
         loop {
             tick.tick().await;
             if let Err(e) = self.pass().await {
+                fsb_telemetry::metrics().reconcile_errors.inc("sandboxes");
                 tracing::warn!(error = %e, "sandbox pass failed; retrying next tick");
             }
         }

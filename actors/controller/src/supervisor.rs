@@ -51,7 +51,8 @@ impl Default for Backoff {
     }
 }
 
-/// Run `make()` forever in a task, restarting it as described above.
+/// Run `make()` forever in a task, restarting it as described above. Restarts are
+/// also counted in `fsb_supervisor_restarts_total{loop=name}`.
 pub fn supervise<F, Fut, E>(
     name: &'static str,
     restarts: &Restarts,
@@ -75,6 +76,7 @@ where
                 Err(e) => tracing::error!(task = name, error = %e, "loop panicked; restarting"),
             }
             counter.fetch_add(1, Ordering::Relaxed);
+            fsb_telemetry::metrics().supervisor_restarts.inc(name);
             if started.elapsed() > backoff.max {
                 delay = backoff.min;
             }
@@ -126,6 +128,11 @@ mod tests {
             "four ends (one a panic), four restarts"
         );
         assert_eq!(restarts.get("other"), 0);
+        assert_eq!(
+            fsb_telemetry::metrics().supervisor_restarts.get("flaky"),
+            4,
+            "exported as fsb_supervisor_restarts_total{{loop=\"flaky\"}}"
+        );
         task.abort();
     }
 }

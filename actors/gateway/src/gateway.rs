@@ -23,6 +23,7 @@ use std::{
 
 use dashmap::DashMap;
 use fsb_agent::{SandboxPhase, server::BoxStream, state::PhaseChange, state::SandboxRecord};
+use fsb_core::error::HasErrorCode;
 use fsb_core::{
     AgentId, ImageRef, NamespaceName, NodeName, PoolName, RequestId, SandboxId, SandboxName,
     ValidSpec,
@@ -321,9 +322,28 @@ impl<S: SandboxStore> Gateway<S> {
     // ---- create ---------------------------------------------------------------
 
     /// Create a sandbox. `deadline` is the client's remaining time (grpc-timeout).
+    /// Every answer is counted in `fsb_creates_total` (mode, `ok` or the error code).
     pub async fn create(
         &self,
         req: fp::CreateRequest,
+        deadline: Option<Duration>,
+    ) -> Result<fp::CreateResponse, GatewayError> {
+        let mode = match req.mode() {
+            fp::ConsistencyMode::Unspecified => self.inner.config.default_mode,
+            m => m,
+        };
+        let result = self.create_counted(req, mode, deadline).await;
+        fsb_telemetry::metrics().count_create(
+            fsb_telemetry::metrics::mode_label(mode == fp::ConsistencyMode::Strong),
+            result.as_ref().map(|_| ()).map_err(|e| e.error_code()),
+        );
+        result
+    }
+
+    async fn create_counted(
+        &self,
+        req: fp::CreateRequest,
+        mode: fp::ConsistencyMode,
         deadline: Option<Duration>,
     ) -> Result<fp::CreateResponse, GatewayError> {
         let received = Instant::now();
@@ -332,10 +352,6 @@ impl<S: SandboxStore> Gateway<S> {
             return Err(GatewayError::NotServing("starting or shutting down"));
         }
         let request_id = RequestId::parse("request_id", &req.request_id)?;
-        let mode = match req.mode() {
-            fp::ConsistencyMode::Unspecified => self.inner.config.default_mode,
-            m => m,
-        };
         let namespace = if req.namespace.is_empty() {
             DEFAULT_NAMESPACE.to_owned()
         } else {
@@ -670,6 +686,16 @@ impl<S: SandboxStore> Gateway<S> {
         }
         let started_unix_us = created.timeline.as_ref().map_or(0, |t| t.started_unix_us);
         let timeline = c.timeline.finish(&path, note, started_unix_us);
+        fsb_telemetry::metrics().observe_create(
+            fsb_telemetry::metrics::mode_label(strong),
+            placement.runtime,
+            fsb_telemetry::metrics::path_label(&path),
+            timeline
+                .stages
+                .iter()
+                .map(|s| (s.name.as_str(), Duration::from_micros(s.duration_us))),
+            Duration::from_micros(timeline.total_us),
+        );
         let sandbox = convert::sandbox(&record, strong, Some(timeline.clone()));
         Ok((
             fp::CreateResponse {
@@ -836,6 +862,55 @@ impl<S: SandboxStore> Gateway<S> {
             );
         }
         Ok(out.into_values().collect())
+    }
+
+    /// Copy what the registry and the store know into the process-wide metrics (a
+    /// scrape hook): the registry's counters, slots and warm levels
+    /// ([`fsb_registry::metrics::export`]) and the sandboxes by phase (records, and
+    /// FAST creates whose record is still being written). A failing source leaves
+    /// its families as they were.
+    pub async fn export_metrics(&self) {
+        match self.inner.registry.snapshot().await {
+            Ok(snapshot) => fsb_registry::metrics::export(&snapshot),
+            Err(e) => tracing::debug!(error = %e, "metrics: registry snapshot"),
+        }
+        let mut phases: HashMap<Key, Phase> = self
+            .inner
+            .pending
+            .iter()
+            .map(|r| (r.key().clone(), r.value().phase))
+            .collect();
+        match self.inner.store.list(&ListFilter::default()).await {
+            Ok(records) => {
+                for r in records {
+                    phases.insert((r.namespace, r.name), r.phase);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics: listing sandboxes");
+                return;
+            }
+        }
+        let mut counts = [0u64; Phase::ALL.len()];
+        for phase in phases.values() {
+            if let Some(i) = Phase::ALL.iter().position(|p| p == phase) {
+                counts[i] += 1;
+            }
+        }
+        fsb_telemetry::metrics()
+            .set_sandboxes(Phase::ALL.iter().zip(counts).map(|(p, n)| (p.as_str(), n)));
+    }
+
+    /// `server` running [`Self::export_metrics`] before each scrape.
+    pub fn metrics_hook(
+        &self,
+        server: fsb_telemetry::MetricsServer,
+    ) -> fsb_telemetry::MetricsServer {
+        let gateway = self.clone();
+        server.on_scrape("gateway", move || {
+            let gateway = gateway.clone();
+            async move { gateway.export_metrics().await }
+        })
     }
 
     /// Ready warm instances per (namespace, pool, image, runtime) over healthy agents,

@@ -197,12 +197,28 @@ impl<C: ClusterView, N: NodeContainers> Janitor<C, N> {
         }
     }
 
-    /// One scan at the current time.
+    /// One scan at the current time. Also counted in the process-wide metrics
+    /// (`fsb_janitor_scans_total`, `fsb_janitor_containers_total`).
     pub async fn scan_once(&self) -> Result<ScanReport, JanitorError> {
         let result = self.scan_at(SystemTime::now()).await;
         self.counters.scans.fetch_add(1, Ordering::Relaxed);
-        if result.is_err() {
-            self.counters.scan_errors.fetch_add(1, Ordering::Relaxed);
+        let m = fsb_telemetry::metrics();
+        match &result {
+            Ok(report) => {
+                m.janitor_scans.inc("ok");
+                for (outcome, n) in [
+                    ("scanned", report.scanned),
+                    ("removed", report.removed.len() as u64),
+                    ("failed", report.failed),
+                    ("unknown", report.unknown),
+                ] {
+                    m.janitor_containers.inc_by(outcome, n);
+                }
+            }
+            Err(_) => {
+                self.counters.scan_errors.fetch_add(1, Ordering::Relaxed);
+                m.janitor_scans.inc("error");
+            }
         }
         result
     }
@@ -448,7 +464,18 @@ mod tests {
         ];
         let j = janitor(cluster, node);
 
+        // Other tests scan concurrently into the same process-wide counters: they
+        // only grow, so compare at-least deltas.
+        let m = fsb_telemetry::metrics();
+        let before = (
+            m.janitor_scans.get("ok"),
+            m.janitor_containers.get("scanned"),
+            m.janitor_containers.get("removed"),
+        );
         let report = j.scan_once().await.unwrap();
+        assert!(m.janitor_scans.get("ok") > before.0);
+        assert!(m.janitor_containers.get("scanned") >= before.1 + 4);
+        assert!(m.janitor_containers.get("removed") >= before.2 + 2);
         assert_eq!(report.scanned, 4);
         let mut removed = report.removed.clone();
         removed.sort();

@@ -2,6 +2,8 @@
 //!
 //! Layout (all under the root):
 //! - `endpoint`: the gateway's URL (`http://127.0.0.1:PORT`), written once listening;
+//! - `metrics`: the address of the Prometheus endpoint (`127.0.0.1:PORT`, path
+//!   `/metrics`), written once it listens;
 //! - `token`: the access token, mode 0600 (only the owner may use the API);
 //! - `sandboxes.db`: the SQLite store;
 //! - `logs/`: sandbox log files; `containerd/`: the private containerd, if started.
@@ -79,6 +81,11 @@ impl DataDir {
         self.root.join("endpoint")
     }
 
+    /// The metrics address file.
+    pub fn metrics_file(&self) -> PathBuf {
+        self.root.join("metrics")
+    }
+
     /// The access token file (mode 0600).
     pub fn token_file(&self) -> PathBuf {
         self.root.join("token")
@@ -151,10 +158,27 @@ impl DataDir {
 
     /// Record where the gateway listens (atomically: write then rename).
     pub fn write_endpoint(&self, url: &str) -> Result<(), LocalError> {
-        let path = self.endpoint_file();
-        let tmp = self.root.join(".endpoint.tmp");
-        std::fs::write(&tmp, format!("{url}\n")).map_err(|e| LocalError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| LocalError::io(&path, e))
+        self.write_line(&self.endpoint_file(), url)
+    }
+
+    /// Record where `/metrics` is served (`127.0.0.1:PORT`).
+    pub fn write_metrics(&self, addr: std::net::SocketAddr) -> Result<(), LocalError> {
+        self.write_line(&self.metrics_file(), &addr.to_string())
+    }
+
+    /// Forget the metrics address (on shutdown).
+    pub fn remove_metrics(&self) {
+        let _ = std::fs::remove_file(self.metrics_file());
+    }
+
+    /// Write `line` to `path` atomically (a reader sees the whole line or no file).
+    fn write_line(&self, path: &Path, line: &str) -> Result<(), LocalError> {
+        let name = path
+            .file_name()
+            .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = self.root.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, format!("{line}\n")).map_err(|e| LocalError::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| LocalError::io(path, e))
     }
 
     /// The gateway URL written by a running `fsb up`.

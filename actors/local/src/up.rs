@@ -4,7 +4,8 @@
 //! containerd (given, system, or a private one) -> agent (rebuilds its table from
 //! containerd) -> offline busybox image -> store -> gateway reconcile of store and
 //! containers (see `fsb_gateway::Gateway::reconcile` for the rule) -> registry report
-//! -> accept creates -> write the endpoint file. Shutdown reverses it: stop accepting,
+//! -> accept creates -> serve `/metrics` (loopback; its address in the `metrics` file)
+//! -> write the endpoint file. Shutdown reverses it: stop accepting,
 //! let the server finish open calls, drain record writes, then keep or stop sandboxes.
 
 use std::{
@@ -73,6 +74,8 @@ pub struct UpConfig {
     pub agent_id: String,
     /// Warm instances the local agent keeps ready (`--warm IMAGE=N`).
     pub warm: fsb_agent::warm::WarmConfig,
+    /// Where `/metrics` is served; must be a loopback address (port 0: a free one).
+    pub metrics_listen: SocketAddr,
 }
 
 impl UpConfig {
@@ -90,6 +93,7 @@ impl UpConfig {
             busybox: PathBuf::from("/bin/busybox"),
             agent_id: LOCAL_AGENT.to_owned(),
             warm: fsb_agent::warm::WarmConfig::default(),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -159,6 +163,12 @@ pub async fn run(
             config.listen
         )));
     }
+    if !config.metrics_listen.ip().is_loopback() {
+        return Err(setup(format!(
+            "--metrics-listen {}: local mode listens on loopback only (e.g. 127.0.0.1:9370)",
+            config.metrics_listen
+        )));
+    }
     let dir = &config.data_dir;
     dir.create()?;
     let token = dir.ensure_token()?;
@@ -173,6 +183,11 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| setup(format!("--listen {}: {e}", config.listen)))?;
+    // Bound early, so a taken port fails before anything starts.
+    let metrics = fsb_telemetry::MetricsServer::bind(config.metrics_listen)
+        .await
+        .map_err(|e| setup(format!("--metrics-listen: {e}")))?;
+    let metrics_addr = metrics.local_addr();
 
     let ctrd =
         containerd::ensure_containerd(dir, config.containerd_socket.as_deref(), None).await?;
@@ -311,6 +326,11 @@ pub async fn run(
             },
         );
     let server = tokio::spawn(server);
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = tokio::spawn(gateway.metrics_hook(metrics).run(async {
+        let _ = metrics_stopped.await;
+    }));
+    dir.write_metrics(metrics_addr)?;
     dir.write_endpoint(&format!("http://{addr}"))?;
     ready(addr);
 
@@ -330,6 +350,9 @@ pub async fn run(
         );
     }
     dir.remove_endpoint();
+    let _ = metrics_stop.send(());
+    let _ = metrics.await;
+    dir.remove_metrics();
     if !config.keep_sandboxes {
         stop_all(&gateway).await;
         // Unclaimed warm instances go too (kept, they are adopted by the next start).

@@ -1,5 +1,14 @@
-//! Counters of what the registry decided; exported by the telemetry crate later.
-//! Plain integers owned by the state: the actor is the only writer.
+//! Counters of what the registry decided, and their export to the process-wide
+//! metrics ([`export`], called at scrape time with a snapshot). Plain integers owned
+//! by the state: the actor is the only writer, and the hot path never touches a
+//! shared counter.
+
+use std::collections::BTreeMap;
+
+use fsb_core::spec::Runtime;
+use fsb_telemetry::metrics::{AgentSlots, WarmLevel};
+
+use crate::state::RegistrySnapshot;
 
 /// Decision counters since start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,4 +42,63 @@ pub struct RegistryMetrics {
     /// Claimable requests that found no warm instance to take (placed cold, or not at
     /// all).
     pub warm_misses: u64,
+}
+
+/// Copy `snapshot` into the process-wide metrics: the decision counters
+/// (`fsb_registry_*_total`), slots used and free per agent (`fsb_agent_slots`) and
+/// the warm instances still on offer per pool, image and runtime
+/// (`fsb_warm_instances_ready`). The counters restart from zero with the actor.
+pub fn export(snapshot: &RegistrySnapshot) {
+    let m = fsb_telemetry::metrics();
+    let c = &snapshot.metrics;
+    for (result, n) in [
+        ("allocated", c.allocated),
+        ("already_yours", c.already_yours),
+        ("exhausted", c.exhausted),
+        ("conflict", c.conflicts),
+    ] {
+        m.registry_allocations.set(result, n);
+    }
+    for (result, n) in [
+        ("released", c.released),
+        ("unknown", c.release_unknown),
+        ("not_owner", c.release_not_owner),
+    ] {
+        m.registry_releases.set(result, n);
+    }
+    m.registry_warm.set("hit", c.warm_hits);
+    m.registry_warm.set("miss", c.warm_misses);
+    for (event, n) in [
+        ("adopted", c.adopted),
+        ("finished", c.finished),
+        ("evicted", c.evicted),
+        ("moved", c.moved),
+        ("agent_lost", c.agents_lost),
+    ] {
+        m.registry_events.set(event, n);
+    }
+    m.set_agent_slots(snapshot.agents.iter().map(|a| AgentSlots {
+        agent: a.info.id.as_str(),
+        pool: a.info.pool.as_str(),
+        used: u64::from(a.used),
+        capacity: u64::from(a.info.capacity.get()),
+    }));
+    let mut levels: BTreeMap<(&str, &str, Runtime), u64> = BTreeMap::new();
+    for a in snapshot.agents.iter().filter(|a| a.info.healthy) {
+        for w in &a.info.warm {
+            *levels
+                .entry((a.info.pool.as_str(), w.image.as_str(), w.runtime))
+                .or_default() += 1;
+        }
+    }
+    m.set_warm_ready(
+        levels
+            .into_iter()
+            .map(|((pool, image, runtime), ready)| WarmLevel {
+                pool,
+                image,
+                runtime,
+                ready,
+            }),
+    );
 }

@@ -138,6 +138,8 @@ pub struct Placement {
     /// Whether the sandbox took a warm instance; `sandbox_id` is then the instance's
     /// id, not the request's.
     pub warm: bool,
+    /// The runtime it runs with: the request's, else the agent's default.
+    pub runtime: Runtime,
 }
 
 /// Why no slot was found.
@@ -453,6 +455,7 @@ impl RegistryState {
                     ports: alloc.ports.clone(),
                     image_cached: alloc.warm || agent.images.contains(&req.image),
                     warm: alloc.warm,
+                    runtime: req.runtime.unwrap_or(agent.info.default_runtime),
                 });
             }
             self.metrics.conflicts += 1;
@@ -594,6 +597,7 @@ impl RegistryState {
             ports: req.ports.clone(),
             image_cached,
             warm,
+            runtime: req.runtime.unwrap_or(agent.info.default_runtime),
         };
         self.index(slot);
         self.sandboxes.insert(
@@ -1592,5 +1596,29 @@ mod tests {
         r.report(report(agent("a", 10, Runtime::Runc), &[]));
         r.verify().unwrap();
         assert!(!allocated(&mut r, &claimable("r1", "busybox", None)).warm);
+    }
+
+    #[test]
+    fn placements_name_their_runtime_and_snapshots_export_to_metrics() {
+        let mut r = RegistryState::new();
+        r.report(report(agent("export-a", 4, Runtime::Crun), &[]));
+        let p = allocated(&mut r, &req("export-r1", "busybox", &[]));
+        assert_eq!(p.runtime, Runtime::Crun, "the agent's default");
+        let gvisor = AllocateRequest {
+            runtime: Some(Runtime::Gvisor),
+            ..req("export-r2", "busybox", &[])
+        };
+        assert_eq!(allocated(&mut r, &gvisor).runtime, Runtime::Gvisor);
+        crate::metrics::export(&r.snapshot());
+        let m = fsb_telemetry::metrics();
+        let text = m.render();
+        for line in [
+            "fsb_agent_slots{agent=\"export-a\",pool=\"p\",state=\"used\"} 2\n",
+            "fsb_agent_slots{agent=\"export-a\",pool=\"p\",state=\"free\"} 2\n",
+            "fsb_registry_allocations_total{result=\"allocated\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        assert_eq!(m.registry_allocations.get("exhausted"), 0);
     }
 }

@@ -120,6 +120,9 @@ struct Config {
     /// Heartbeat period in milliseconds unless the controller names one.
     #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_ms: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
+    #[arg(long, env = "FSB_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -210,6 +213,9 @@ async fn run(
     default_runtime: Runtime,
     warm: WarmConfig,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(addr) = config.metrics_listen {
+        fsb_telemetry::serve_in_background(addr).await?;
+    }
     let netns = config
         .netns
         .unwrap_or_else(|| PathBuf::from(format!("/proc/{}/ns/net", std::process::id())));

@@ -61,6 +61,9 @@ struct Config {
     /// Heartbeat period agents are told to use, milliseconds.
     #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     heartbeat_ms: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
+    #[arg(long, env = "FSB_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +149,7 @@ fn main() -> ExitCode {
                 .ok()
                 .map(|ip| format!("http://{ip}:{}", config.agent_listen.port()))
         }),
+        metrics_listen: config.metrics_listen,
         ..ControllerConfig::default()
     };
     let system = actix_rt::System::with_tokio_rt(|| {

@@ -2,7 +2,7 @@
 //! the API server (in-cluster config, or KUBECONFIG), then scan every interval until
 //! SIGTERM or Ctrl-C; with `--once`, scan once and print the counters as JSON.
 
-use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use fsb_agent::{
@@ -53,6 +53,9 @@ struct Config {
     /// Run one scan, print the counters as JSON and exit (1 if the scan failed).
     #[arg(long)]
     once: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
+    #[arg(long, env = "FSB_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -141,6 +144,9 @@ async fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 ExitCode::FAILURE
             }
         });
+    }
+    if let Some(addr) = config.metrics_listen {
+        fsb_telemetry::serve_in_background(addr).await?;
     }
     tracing::info!("janitor running");
     janitor.run(shutdown()).await;

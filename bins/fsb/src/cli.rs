@@ -191,6 +191,15 @@ pub(crate) struct UpArgs {
     /// Memory budget of all warm instances in MiB (each counted at 4 MiB).
     #[arg(long, env = "FSB_WARM_MEMORY_MIB", default_value_t = 1024)]
     pub(crate) warm_memory_mib: u64,
+    /// Where Prometheus metrics are served (`GET /metrics`; loopback only; the address
+    /// is written to `<data-dir>/metrics`).
+    #[arg(
+        long,
+        env = "FSB_METRICS_LISTEN",
+        default_value = "127.0.0.1:0",
+        value_name = "ADDR"
+    )]
+    pub(crate) metrics_listen: String,
 }
 
 /// `fsb run`.

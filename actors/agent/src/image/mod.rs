@@ -213,8 +213,21 @@ impl ImageStore {
     }
 
     /// Pulls `reference` from its registry (anonymous, or with `auth`), reporting
-    /// per-blob progress through `progress`.
+    /// per-blob progress through `progress`. Counted in `fsb_image_pulls_total`.
     pub async fn pull(
+        &self,
+        reference: &ImageRef,
+        auth: Option<RegistryAuth>,
+        progress: impl FnMut(PullProgress) + Send,
+    ) -> Result<ImageRecord, AgentError> {
+        let result = self.pull_uncounted(reference, auth, progress).await;
+        fsb_telemetry::metrics()
+            .image_pulls
+            .inc(if result.is_ok() { "ok" } else { "error" });
+        result
+    }
+
+    async fn pull_uncounted(
         &self,
         reference: &ImageRef,
         auth: Option<RegistryAuth>,

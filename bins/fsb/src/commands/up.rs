@@ -12,23 +12,31 @@ use crate::{
     error::{CliError, exit},
 };
 
-/// The `UpConfig` for these flags; a non-loopback `--listen` is refused (local mode
-/// has no TLS and one token: it serves this machine only).
-pub(crate) fn up_config(args: &UpArgs, settings: &Settings) -> Result<UpConfig, CliError> {
-    let listen: SocketAddr = args.listen.parse().map_err(|_| {
+/// `value` of `--flag` as a loopback address (local mode has no TLS and one token: it
+/// serves this machine only).
+fn loopback(flag: &str, value: &str) -> Result<SocketAddr, CliError> {
+    let addr: SocketAddr = value.parse().map_err(|_| {
         CliError::BadConfig(format!(
-            "--listen {:?} is not an address; use 127.0.0.1:PORT",
-            args.listen
+            "--{flag} {value:?} is not an address; use 127.0.0.1:PORT"
         ))
     })?;
-    if !listen.ip().is_loopback() {
+    if !addr.ip().is_loopback() {
         return Err(CliError::BadConfig(format!(
-            "--listen {listen} is not a loopback address; `fsb up` serves this machine only, use 127.0.0.1:{}",
-            listen.port()
+            "--{flag} {addr} is not a loopback address; `fsb up` serves this machine only, use 127.0.0.1:{}",
+            addr.port()
         )));
     }
+    Ok(addr)
+}
+
+/// The `UpConfig` for these flags; a non-loopback `--listen` or `--metrics-listen` is
+/// refused.
+pub(crate) fn up_config(args: &UpArgs, settings: &Settings) -> Result<UpConfig, CliError> {
+    let listen = loopback("listen", &args.listen)?;
+    let metrics_listen = loopback("metrics-listen", &args.metrics_listen)?;
     let mut config = UpConfig::new(settings.data_dir.clone());
     config.listen = listen;
+    config.metrics_listen = metrics_listen;
     config.containerd_socket = args.containerd_socket.clone();
     if let Some(c) = args.capacity {
         config.capacity = c;
@@ -182,5 +190,26 @@ mod tests {
             assert_eq!(err.exit_code(), 64, "{listen}");
         }
         assert!(config(&["fsb", "--data-dir", "/d", "up", "--listen", "[::1]:7370"]).is_ok());
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_a_free_loopback_port_and_must_be_loopback() {
+        let c = config(&["fsb", "--data-dir", "/d", "up"]).unwrap();
+        assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:0");
+        let c = config(&[
+            "fsb",
+            "--data-dir",
+            "/d",
+            "up",
+            "--metrics-listen",
+            "127.0.0.1:9370",
+        ])
+        .unwrap();
+        assert_eq!(c.metrics_listen.port(), 9370);
+        for bad in ["0.0.0.0:9370", "nowhere"] {
+            let err =
+                config(&["fsb", "--data-dir", "/d", "up", "--metrics-listen", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 64, "{bad}");
+        }
     }
 }
