@@ -44,41 +44,6 @@ use crate::{
     error::AgentError,
 };
 
-/// Wakes a waiter when a file is written (inotify `IN_MODIFY`).
-struct LogWatch(inotify::EventStream<[u8; 1024]>);
-
-impl LogWatch {
-    fn new(path: &std::path::Path) -> std::io::Result<Self> {
-        let inotify = inotify::Inotify::init()?;
-        inotify.watches().add(path, inotify::WatchMask::MODIFY)?;
-        Ok(Self(inotify.into_event_stream([0u8; 1024])?))
-    }
-
-    /// Wait for the next write (or a write not waited for yet).
-    async fn changed(&mut self) {
-        match self.0.next().await {
-            Some(Ok(_)) => {}
-            // The watch is broken: leave it to the caller's pause.
-            _ => std::future::pending().await,
-        }
-    }
-}
-
-/// The start report in `log` after byte `skip`, if written yet. It is the first line
-/// written after the claim (the runner writes it before its exec, so before any
-/// output of the process): the first few KiB hold it. A small read from the page
-/// cache, done in place rather than on the blocking pool.
-fn read_report(log: &std::path::Path, skip: u64) -> Option<fsb_init::Started> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(log).ok()?;
-    file.seek(SeekFrom::Start(skip)).ok()?;
-    let mut buf = Vec::with_capacity(4096);
-    file.take(4096).read_to_end(&mut buf).ok()?;
-    String::from_utf8_lossy(&buf)
-        .lines()
-        .find_map(fsb_init::Started::parse)
-}
-
 /// Type URL containerd gives the OCI runtime spec in `Container.spec`.
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 /// How long a create may hold its lease if the agent dies mid-create.
@@ -355,9 +320,8 @@ impl ContainerdRuntime {
     ) -> Result<(), AgentError> {
         let json = serde_json::to_vec(labels)
             .map_err(|e| AgentError::Internal(format!("encoding the claim of {id}: {e}")))?;
-        // A few hundred bytes into the page cache: in place, not on the blocking pool
-        // (a thread hand-off costs more than the write on a loaded node).
-        std::fs::write(self.claim_path(id), json)
+        tokio::fs::write(self.claim_path(id), json)
+            .await
             .map_err(|e| AgentError::Internal(format!("recording the claim of {id}: {e}")))
     }
 
@@ -408,12 +372,6 @@ impl ContainerdRuntime {
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             AgentError::Internal(format!("warm instance {id}: {what}: {e}"))
         };
-        // Watch the log before the spec goes out, so the report's write is not missed.
-        let mut watch = LogWatch::new(&stdout)
-            .inspect_err(
-                |e| tracing::debug!(sandbox = %id, error = %e, "no inotify watch; polling"),
-            )
-            .ok();
         // Non-blocking: the shim holds the read end; if nothing does, fail at once
         // (ENXIO) rather than wait for a reader that is gone.
         let mut pipe = tokio::net::unix::pipe::OpenOptions::new()
@@ -424,24 +382,16 @@ impl ContainerdRuntime {
             .map_err(|e| failed("writing the spec", &e))?;
         drop(pipe);
         let deadline = Instant::now() + timeout;
-        // With a watch the pause is only a safety net.
-        let mut pause = Duration::from_micros(if watch.is_some() { 5000 } else { 200 });
+        let mut pause = Duration::from_micros(200);
         loop {
-            // Woken by the log's next write (inotify); the pause bounds the wait if
-            // no watch could be set.
-            let changed = async {
-                match &mut watch {
-                    Some(w) => w.changed().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep(pause) => {
-                    pause = (pause * 2).min(Duration::from_millis(5));
-                }
-            }
-            if let Some(started) = read_report(&stdout, skip) {
+            let log = tokio::fs::read(&stdout).await.unwrap_or_default();
+            let fresh = log
+                .get(usize::try_from(skip).unwrap_or(usize::MAX)..)
+                .unwrap_or(&[]);
+            if let Some(started) = String::from_utf8_lossy(fresh)
+                .lines()
+                .find_map(fsb_init::Started::parse)
+            {
                 return Ok(started);
             }
             if Instant::now() >= deadline {
@@ -449,6 +399,8 @@ impl ContainerdRuntime {
                     "warm instance {id}: no start report within {timeout:?}"
                 )));
             }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
     }
 
