@@ -27,7 +27,7 @@ use fsb_core::error::HasErrorCode;
 use fsb_core::{
     AgentId, ImageRef, NamespaceName, NodeName, PoolName, RequestId, SandboxId, SandboxName,
     ValidSpec,
-    spec::{FailurePolicy, Runtime, SpecDigest, SpecLimits, validate_labels},
+    spec::{FailurePolicy, SpecDigest, SpecLimits, validate_labels},
 };
 use fsb_proto::{agent::v1 as av, fastpath::v1 as fp};
 use fsb_registry::{AllocateRequest, RegistryHandle};
@@ -920,33 +920,20 @@ impl<S: SandboxStore> Gateway<S> {
         req: &fp::ListRequest,
     ) -> Result<Vec<fp::WarmLevel>, GatewayError> {
         let snapshot = self.inner.registry.snapshot().await?;
-        let mut levels: BTreeMap<(String, String, String, Runtime), u32> = BTreeMap::new();
-        for agent in snapshot.agents.iter().filter(|a| a.info.healthy) {
-            let info = &agent.info;
-            if (!req.namespace.is_empty() && info.namespace.as_str() != req.namespace)
-                || (!req.pool_ref.is_empty() && info.pool.as_str() != req.pool_ref)
-            {
-                continue;
-            }
-            for w in &info.warm {
-                let key = (
-                    info.namespace.to_string(),
-                    info.pool.to_string(),
-                    w.image.to_string(),
-                    w.runtime,
-                );
-                *levels.entry(key).or_default() += 1;
-            }
-        }
-        Ok(levels
+        Ok(snapshot
+            .warm_levels()
             .into_iter()
+            .filter(|((namespace, pool, _, _), _)| {
+                (req.namespace.is_empty() || *namespace == req.namespace)
+                    && (req.pool_ref.is_empty() || *pool == req.pool_ref)
+            })
             .map(
                 |((namespace, pool_ref, image, runtime), ready)| fp::WarmLevel {
-                    namespace,
-                    pool_ref,
-                    image,
+                    namespace: namespace.to_owned(),
+                    pool_ref: pool_ref.to_owned(),
+                    image: image.to_owned(),
                     runtime: convert::runtime(Some(runtime)) as i32,
-                    ready,
+                    ready: u32::try_from(ready).unwrap_or(u32::MAX),
                 },
             )
             .collect())

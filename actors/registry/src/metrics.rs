@@ -83,13 +83,10 @@ pub fn export(snapshot: &RegistrySnapshot) {
         used: u64::from(a.used),
         capacity: u64::from(a.info.capacity.get()),
     }));
+    // The metric has no namespace label: same-named pools are summed.
     let mut levels: BTreeMap<(&str, &str, Runtime), u64> = BTreeMap::new();
-    for a in snapshot.agents.iter().filter(|a| a.info.healthy) {
-        for w in &a.info.warm {
-            *levels
-                .entry((a.info.pool.as_str(), w.image.as_str(), w.runtime))
-                .or_default() += 1;
-        }
+    for ((_, pool, image, runtime), ready) in snapshot.warm_levels() {
+        *levels.entry((pool, image, runtime)).or_default() += ready;
     }
     m.set_warm_ready(
         levels

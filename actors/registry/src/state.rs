@@ -264,6 +264,26 @@ pub struct RegistrySnapshot {
     pub metrics: RegistryMetrics,
 }
 
+impl RegistrySnapshot {
+    /// Ready warm instances per (namespace, pool, image, runtime), summed over the
+    /// healthy agents (what `fsb ls` and the metrics show).
+    pub fn warm_levels(&self) -> BTreeMap<(&str, &str, &str, Runtime), u64> {
+        let mut levels = BTreeMap::new();
+        for a in self.agents.iter().filter(|a| a.info.healthy) {
+            for w in &a.info.warm {
+                let key = (
+                    a.info.namespace.as_str(),
+                    a.info.pool.as_str(),
+                    w.image.as_str(),
+                    w.runtime,
+                );
+                *levels.entry(key).or_default() += 1;
+            }
+        }
+        levels
+    }
+}
+
 type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type Set<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
