@@ -10,6 +10,8 @@
 #                 fsb-controller (release build) on a real kube-apiserver + etcd, one
 #                 fsb-agent pod run by the kubelet fixture, the private containerd; ARGS
 #                 replace the default `fsb bench` arguments
+#   tracing       full-path creates through `fsb up` (release) with traces exported
+#                 over OTLP to a real receiver vs without, alternating in one run
 #
 # ARGS go to the bench binary (`cargo bench ... -- ARGS`), e.g.
 #   benches/run.sh agent_create --count 50 --runtimes runc,crun,gvisor --json
@@ -54,6 +56,14 @@ case "$bench" in
     "$REPO_ROOT/tests/scripts/with-containerd.sh" \
       cargo bench -p fsb-benches --bench "$bench" -- "$@"
     ;;
+  tracing)
+    echo "==> building release fsb and the $bench bench" >&2
+    cargo build --release -p fsb-bin
+    cargo bench -p fsb-benches --bench tracing_overhead --no-run
+    export FSB_BIN="$CARGO_TARGET_DIR/release/fsb"
+    exec "$REPO_ROOT/tests/scripts/with-containerd.sh" \
+      cargo bench -p fsb-benches --bench tracing_overhead -- "$@"
+    ;;
   warm)
     # fsb up (release) with warm instances, then `fsb bench --warm` against it: runc at
     # concurrency 1 and 8, gVisor at concurrency 1, raw cold containerd beside each.
@@ -91,7 +101,7 @@ case "$bench" in
     done
     ;;
   *)
-    echo "usage: $0 [agent_create|registry|k8s_modes|warm] [bench args...]" >&2
+    echo "usage: $0 [agent_create|registry|k8s_modes|tracing|warm] [bench args...]" >&2
     exit 64
     ;;
 esac

@@ -21,6 +21,7 @@
 //!   their default ServiceAccount, agent pods started by hand (identity tests).
 //! - [`local`]: `fsb up` as a child process ([`local::LocalUp`]) and an authenticated
 //!   fast-path client.
+//! - [`otlp`]: a real OTLP/gRPC trace receiver ([`otlp::OtlpReceiver`]).
 //!
 //! Environment read by [`ContainerdEnv::from_env`] (all set by `tests/run.sh`):
 //! `FSB_CONTAINERD_SOCKET`, `FSB_TEST_IMAGE`, `FSB_TEST_IMAGE_ARCHIVE`,
@@ -40,6 +41,7 @@ pub mod k8s;
 #[cfg(feature = "k8s")]
 pub mod kubelet;
 pub mod local;
+pub mod otlp;
 pub mod prometheus;
 pub mod spec;
 pub mod wait;

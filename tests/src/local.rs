@@ -69,6 +69,18 @@ impl LocalUp {
         port: u16,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_with_env(env, data_dir, agent_id, port, extra, &[]).await
+    }
+
+    /// [`LocalUp::start`] with extra environment variables for `fsb up`.
+    pub async fn start_with_env(
+        env: &ContainerdEnv,
+        data_dir: &Path,
+        agent_id: &str,
+        port: u16,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let endpoint = data_dir.join("endpoint");
         let _ = std::fs::remove_file(&endpoint);
@@ -88,6 +100,7 @@ impl LocalUp {
             .arg(agent_id)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

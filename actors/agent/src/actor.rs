@@ -254,7 +254,7 @@ impl Handler<Create> for AgentActor {
     type Result = ResponseActFuture<Self, Result<CreatedSandbox, AgentError>>;
 
     fn handle(&mut self, msg: Create, ctx: &mut Self::Context) -> Self::Result {
-        let req = msg.0;
+        let Create { req, span } = msg;
         let record = SandboxRecord {
             id: req.id.clone(),
             namespace: req.namespace.clone(),
@@ -325,6 +325,7 @@ impl Handler<Create> for AgentActor {
             labels,
             hostname,
             how,
+            span,
         };
         let child = self.child(&req.id);
         let id = req.id;

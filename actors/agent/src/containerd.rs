@@ -17,6 +17,7 @@ use containerd_client::{
 };
 use fsb_core::spec::Runtime;
 use prost::Message;
+use tracing::Instrument;
 
 use crate::error::AgentError;
 
@@ -126,6 +127,7 @@ impl Containerd {
         req.metadata_mut()
             .insert(NAMESPACE_HEADER, self.namespace.clone());
         req.set_timeout(timeout);
+        fsb_telemetry::trace::inject(req.metadata_mut());
         req
     }
 
@@ -157,7 +159,14 @@ impl Containerd {
         timeout: Duration,
         fut: impl Future<Output = Result<Response<T>, Status>>,
     ) -> Result<T, AgentError> {
-        match tokio::time::timeout(timeout, fut).await {
+        // One client span per containerd call: the innermost layer of a create's trace.
+        let span = tracing::info_span!(
+            "containerd",
+            otel.name = op,
+            otel.kind = "client",
+            rpc.system = "grpc"
+        );
+        match tokio::time::timeout(timeout, fut).instrument(span).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
                 Err(AgentError::Timeout {

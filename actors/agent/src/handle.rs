@@ -116,7 +116,13 @@ impl AgentHandle {
 
     /// Create and start a sandbox (idempotent by id: a retry gets the first result).
     pub async fn create(&self, req: CreateSandbox) -> Result<CreatedSandbox, AgentError> {
-        self.addr.send(Create(req)).await.map_err(stopped)?
+        self.addr
+            .send(Create {
+                req,
+                span: tracing::Span::current(),
+            })
+            .await
+            .map_err(stopped)?
     }
 
     /// Stop and remove a sandbox; NotFound if the agent does not hold it.

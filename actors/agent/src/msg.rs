@@ -51,7 +51,11 @@ pub struct CreatedSandbox {
 
 #[derive(Debug, Message)]
 #[rtype(result = "Result<CreatedSandbox, AgentError>")]
-pub(crate) struct Create(pub(crate) CreateSandbox);
+pub(crate) struct Create {
+    pub(crate) req: CreateSandbox,
+    /// The caller's span: the create's work continues its trace.
+    pub(crate) span: tracing::Span,
+}
 
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), AgentError>")]
@@ -100,6 +104,8 @@ pub(crate) struct Start {
     pub(crate) labels: HashMap<String, String>,
     pub(crate) hostname: String,
     pub(crate) how: StartHow,
+    /// The create's span, continued by the sandbox actor's containerd calls.
+    pub(crate) span: tracing::Span,
 }
 
 /// How a [`Start`] gets its container.
@@ -111,6 +117,17 @@ pub(crate) enum StartHow {
     Claim,
     /// The warm instance under this id cannot serve the spec: remove it, then cold.
     Replace(String),
+}
+
+impl StartHow {
+    /// For spans and logs.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            StartHow::Cold(_) => "cold",
+            StartHow::Claim => "warm",
+            StartHow::Replace(_) => "replace",
+        }
+    }
 }
 
 /// To a SandboxActor: create and start a warm instance (fsb-init waiting for its

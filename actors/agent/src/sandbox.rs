@@ -11,11 +11,13 @@ use std::{sync::Arc, time::Instant};
 use actix::{
     Actor, ActorContext, ActorFutureExt, AtomicResponse, Context, Handler, Supervised, WrapFuture,
 };
-use fsb_core::SandboxId;
-
 use std::time::Duration;
 
-use fsb_core::spec::{SandboxSpec, SpecLimits};
+use fsb_core::{
+    SandboxId,
+    spec::{SandboxSpec, SpecLimits},
+};
+use tracing::Instrument;
 
 use crate::{
     error::AgentError,
@@ -106,6 +108,7 @@ impl Handler<Start> for SandboxActor {
             self.network.clone(),
         );
         let warm = self.warm.take();
+        let span = tracing::info_span!(parent: &msg.span, "agent.start", sandbox = %id, how = msg.how.label());
         let work = async move {
             match msg.how.clone() {
                 StartHow::Cold(note) => start(id, runtime, &images, network, msg, note).await,
@@ -125,7 +128,8 @@ impl Handler<Start> for SandboxActor {
                     }
                 },
             }
-        };
+        }
+        .instrument(span);
         AtomicResponse::new(Box::pin(work.into_actor(self).map(|result, act, _ctx| {
             if let Ok(done) = &result {
                 act.started = Some(done.clone());

@@ -19,6 +19,7 @@ use fsb_proto::{
 };
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::{AgentHandle, CreateSandbox, SandboxPhase, exec, logs};
 
@@ -183,6 +184,54 @@ impl AgentService {
         });
         Ok(Box::pin(stream))
     }
+
+    /// [`Agent::create_sandbox`] inside its span.
+    async fn create_traced(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<Response<CreateSandboxResponse>, Status> {
+        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
+        let runtime = req.runtime();
+        let Some(spec) = req.spec else {
+            return Err(Status::invalid_argument("spec: required"));
+        };
+        let spec = core_spec(&req.namespace, &req.name, spec, runtime)
+            .validate(&self.limits)
+            .map_err(|e| to_status(&e))?;
+        let created = self
+            .agent
+            .create(CreateSandbox {
+                id,
+                namespace: req.namespace,
+                name: req.name,
+                claim_uid: req.claim_uid,
+                request_id: req.request_id,
+                spec,
+            })
+            .await
+            .map_err(|e| to_status(&e))?;
+        let mut stages = Vec::with_capacity(created.stages.len());
+        let mut offset = Duration::ZERO;
+        for (name, took) in &created.stages {
+            stages.push(fp::Stage {
+                name: (*name).to_owned(),
+                start_us: micros(offset),
+                duration_us: micros(*took),
+            });
+            offset += *took;
+        }
+        Ok(Response::new(CreateSandboxResponse {
+            sandbox_id: created.id.to_string(),
+            timeline: Some(fp::Timeline {
+                stages,
+                total_us: micros(offset),
+                path: if created.warm { "warm" } else { "cold" }.into(),
+                note: created.note.clone(),
+                started_unix_us: created.started_unix_us,
+            }),
+            pid: created.pid,
+        }))
+    }
 }
 
 /// The wire spec as the core's client-facing spec (validated next).
@@ -268,48 +317,19 @@ impl Agent for AgentService {
         &self,
         request: Request<CreateSandboxRequest>,
     ) -> Result<Response<CreateSandboxResponse>, Status> {
-        let req = request.into_inner();
-        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
-        let runtime = req.runtime();
-        let Some(spec) = req.spec else {
-            return Err(Status::invalid_argument("spec: required"));
-        };
-        let spec = core_spec(&req.namespace, &req.name, spec, runtime)
-            .validate(&self.limits)
-            .map_err(|e| to_status(&e))?;
-        let created = self
-            .agent
-            .create(CreateSandbox {
-                id,
-                namespace: req.namespace,
-                name: req.name,
-                claim_uid: req.claim_uid,
-                request_id: req.request_id,
-                spec,
-            })
+        // A root in-process: its parent comes only from the request's trace context, so
+        // local and Kubernetes mode link the same way (and a lost header shows).
+        let span = tracing::info_span!(
+            parent: None,
+            "agent.create",
+            otel.kind = "server",
+            sandbox = %request.get_ref().sandbox_id,
+            request_id = %request.get_ref().request_id,
+        );
+        fsb_telemetry::trace::set_remote_parent(&span, request.metadata());
+        self.create_traced(request.into_inner())
+            .instrument(span)
             .await
-            .map_err(|e| to_status(&e))?;
-        let mut stages = Vec::with_capacity(created.stages.len());
-        let mut offset = Duration::ZERO;
-        for (name, took) in &created.stages {
-            stages.push(fp::Stage {
-                name: (*name).to_owned(),
-                start_us: micros(offset),
-                duration_us: micros(*took),
-            });
-            offset += *took;
-        }
-        Ok(Response::new(CreateSandboxResponse {
-            sandbox_id: created.id.to_string(),
-            timeline: Some(fp::Timeline {
-                stages,
-                total_us: micros(offset),
-                path: if created.warm { "warm" } else { "cold" }.into(),
-                note: created.note.clone(),
-                started_unix_us: created.started_unix_us,
-            }),
-            pid: created.pid,
-        }))
     }
 
     async fn delete_sandbox(

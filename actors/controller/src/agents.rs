@@ -98,6 +98,8 @@ impl AgentClient for RemoteAgent {
         req: av::CreateSandboxRequest,
     ) -> BoxFuture<'_, Result<av::CreateSandboxResponse, Status>> {
         let mut grpc = self.grpc.clone();
+        let mut req = Request::new(req);
+        fsb_telemetry::trace::inject(req.metadata_mut());
         Box::pin(async move { Ok(grpc.create_sandbox(req).await?.into_inner()) })
     }
 

@@ -80,9 +80,13 @@ impl AgentClient for LocalAgent {
         &self,
         req: av::CreateSandboxRequest,
     ) -> BoxFuture<'_, Result<av::CreateSandboxResponse, Status>> {
+        // Through the metadata, as over the network: the agent's span continues the
+        // trace the same way in both modes.
+        let mut req = Request::new(req);
+        fsb_telemetry::trace::inject(req.metadata_mut());
         Box::pin(async move {
             self.service
-                .create_sandbox(Request::new(req))
+                .create_sandbox(req)
                 .await
                 .map(tonic::Response::into_inner)
         })

@@ -34,6 +34,7 @@ use fsb_registry::{AllocateRequest, RegistryHandle};
 use fsb_store::{EventKind, ListFilter, Phase, SandboxStore, StoreError, StoredSandbox};
 use futures::StreamExt;
 use tokio::sync::{Notify, oneshot};
+use tracing::Instrument;
 
 use crate::{
     AgentClient, GatewayError, GatewayHandle, convert,
@@ -423,7 +424,7 @@ impl<S: SandboxStore> Gateway<S> {
                     tracing::warn!(error = %e, "removing a cancelled create failed; the sweeper retries");
                 }
             }
-        });
+        }.in_current_span());
         rx.await
             .map_err(|_| GatewayError::Internal("create task ended without answering".into()))?
     }
@@ -686,6 +687,14 @@ impl<S: SandboxStore> Gateway<S> {
         }
         let started_unix_us = created.timeline.as_ref().map_or(0, |t| t.started_unix_us);
         let timeline = c.timeline.finish(&path, note, started_unix_us);
+        // One line per create; the span adds request id, name and trace id.
+        tracing::info!(
+            sandbox = %c.sandbox_id,
+            agent = %placement.agent,
+            path = %path,
+            total_us = timeline.total_us,
+            "sandbox created"
+        );
         fsb_telemetry::metrics().observe_create(
             fsb_telemetry::metrics::mode_label(strong),
             placement.runtime,

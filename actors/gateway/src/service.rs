@@ -107,7 +107,18 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         request: Request<fp::CreateRequest>,
     ) -> Result<Response<fp::CreateResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let span = tracing::info_span!("create", request_id = %request.get_ref().request_id);
+        let span = tracing::info_span!(
+            "gateway.create",
+            otel.kind = "server",
+            request_id = %request.get_ref().request_id,
+            namespace = %request.get_ref().namespace,
+            name = %request.get_ref().name,
+            trace_id = tracing::field::Empty,
+        );
+        fsb_telemetry::trace::set_remote_parent(&span, request.metadata());
+        if let Some(id) = fsb_telemetry::trace::trace_id(&span) {
+            span.record("trace_id", id);
+        }
         // Instrument the future: `let _ = span.enter()` dropped the guard at once, and
         // an entered guard must not be held across awaits anyway.
         self.gateway

@@ -45,7 +45,9 @@ impl Handler<Allocate> for RegistryActor {
     type Result = MessageResult<Allocate>;
 
     fn handle(&mut self, msg: Allocate, _ctx: &mut Self::Context) -> Self::Result {
-        let _enter = msg.span.enter();
+        let span =
+            tracing::info_span!(parent: &msg.span, "registry.allocate", image = %msg.req.image);
+        let _enter = span.enter();
         MessageResult(self.state.allocate(&msg.req))
     }
 }
@@ -54,7 +56,8 @@ impl Handler<Release> for RegistryActor {
     type Result = MessageResult<Release>;
 
     fn handle(&mut self, msg: Release, _ctx: &mut Self::Context) -> Self::Result {
-        let _enter = msg.span.enter();
+        let span = tracing::info_span!(parent: &msg.span, "registry.release");
+        let _enter = span.enter();
         MessageResult(self.state.release(&msg.sandbox, &msg.agent))
     }
 }

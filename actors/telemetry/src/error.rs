@@ -1,10 +1,10 @@
-//! Errors of the metrics endpoint.
+//! Errors of the metrics endpoint and of trace setup.
 
 use std::net::SocketAddr;
 
 use fsb_core::error::{ErrorCode, HasErrorCode};
 
-/// Why the metrics endpoint could not start.
+/// Why the metrics endpoint or tracing could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// The listener could not bind.
@@ -15,12 +15,16 @@ pub enum TelemetryError {
         /// Why.
         source: std::io::Error,
     },
+    /// The subscriber or the OTLP exporter could not be set up.
+    #[error("tracing: {0}")]
+    Trace(String),
 }
 
 impl HasErrorCode for TelemetryError {
     fn error_code(&self) -> ErrorCode {
         match self {
             TelemetryError::Bind { .. } => ErrorCode::Unavailable,
+            TelemetryError::Trace(_) => ErrorCode::Internal,
         }
     }
 }

@@ -13,12 +13,15 @@
 //! Invariants: label values come from fixed lists or from configuration (agents,
 //! pools, warm images), capped in number ([`metrics::MAX_AGENT_SERIES`],
 //! [`metrics::MAX_WARM_SERIES`]); no sandbox id or name is ever a label. Scrapes are
-//! serialized, so the hooks' replace-the-set updates never interleave. Tracing and
-//! OTLP export are not here yet.
+//! serialized, so the hooks' replace-the-set updates never interleave.
+//!
+//! [`trace`]: the process's `tracing` subscriber and, when an OTLP endpoint is set,
+//! span export plus W3C trace context over gRPC metadata.
 
 pub mod error;
 pub mod metrics;
 mod server;
+pub mod trace;
 
 pub use error::TelemetryError;
 pub use metrics::{Metrics, metrics};

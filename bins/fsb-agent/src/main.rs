@@ -170,11 +170,13 @@ fn main() -> ExitCode {
         eprintln!("fsb-agent: --controller must be an http(s)://host:port URL, got {controller:?}");
         return ExitCode::from(64);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let _tracing = match fsb_telemetry::trace::init("fsb-agent", Default::default()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("fsb-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match actix_rt::System::new().block_on(run(config, default_runtime, warm)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

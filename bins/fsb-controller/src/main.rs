@@ -104,11 +104,13 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let _tracing = match fsb_telemetry::trace::init("fsb-controller", Default::default()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("fsb-controller: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let lease = (!config.no_leader_election).then(|| LeaseConfig {
         namespace: config
             .lease_namespace

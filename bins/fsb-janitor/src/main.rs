@@ -82,13 +82,20 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let _tracing = match fsb_telemetry::trace::init(
+        "fsb-janitor",
+        fsb_telemetry::trace::LogOptions {
+            stderr: true,
+            ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            ..Default::default()
+        },
+    ) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("fsb-janitor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

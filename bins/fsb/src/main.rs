@@ -27,18 +27,22 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    let default_level = if matches!(cli.command, Command::Up(_)) {
-        "info"
-    } else {
-        "warn"
+    let up = matches!(cli.command, Command::Up(_));
+    let _tracing = match fsb_telemetry::trace::init(
+        "fsb",
+        fsb_telemetry::trace::LogOptions {
+            default_filter: if up { "info" } else { "warn" },
+            stderr: true,
+            ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            export: up,
+        },
+    ) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("fsb: {e}");
+            return ExitCode::from(1);
+        }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .init();
     // Only values typed on the command line beat a `run -f` manifest.
     let explicit = matches
         .subcommand_matches("run")
