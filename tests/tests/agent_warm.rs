@@ -239,16 +239,9 @@ async fn instances_of_one_image_share_nothing() {
     }
 }
 
-/// `/sys/fs/cgroup/<controller>/fast-sandbox/<id>/<file>` (cgroup v1, this machine),
-/// else the unified hierarchy's `<v2 file>`.
+/// A sandbox's cgroup file (see [`fsb_tests::sandbox_cgroup_value`]).
 fn cgroup_value(controller: &str, v1: &str, v2: &str, id: &fsb_core::SandboxId) -> String {
-    let root = std::path::Path::new("/sys/fs/cgroup");
-    let rel = std::path::Path::new("fast-sandbox").join(id.as_str());
-    std::fs::read_to_string(root.join(controller).join(&rel).join(v1))
-        .or_else(|_| std::fs::read_to_string(root.join("unified").join(&rel).join(v2)))
-        .unwrap_or_else(|e| panic!("{controller} cgroup of {id}: {e}"))
-        .trim()
-        .to_owned()
+    fsb_tests::sandbox_cgroup_value(controller, v1, v2, id).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[tokio::test]
