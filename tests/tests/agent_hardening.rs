@@ -252,6 +252,8 @@ try core_pattern sh -c 'cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/cor
 echo timer_list=$(cat /proc/timer_list 2>/dev/null | wc -c)
 echo keys=$(cat /proc/keys 2>/dev/null | wc -c)"#;
 
+/// Also the kernel settings a mount would reach: masked /proc files read empty and
+/// /proc/sys is read-only.
 #[actix_rt::test]
 async fn a_sandbox_cannot_mount() {
     let env = ContainerdEnv::from_env();
@@ -267,8 +269,8 @@ async fn a_sandbox_cannot_mount() {
         assert_eq!(p.value("uid"), "0", "{runtime:?}: {p:#?}");
         // Each attempt failed with EPERM ("permission denied" is busybox mount's
         // wording of it), not for some other reason. The user-namespace route: runc
-        // and crun refuse the unshare (seccomp); gVisor allows it but the new
-        // namespace holds no capabilities.
+        // and crun refuse the unshare (seccomp); gVisor creates the namespace but
+        // refuses the first mount in it.
         for attempt in ["tmpfs", "proc", "bind", "remount_sys", "userns"] {
             let result = p.value(attempt);
             assert!(
@@ -360,7 +362,7 @@ async fn a_sandbox_cannot_exceed_its_pids_limit() {
             .stdout
             .lines()
             .filter_map(|l| l.strip_prefix("started="))
-            .last()
+            .next_back()
             .map_or(0, |n| n.parse().unwrap());
         assert!(
             p.stderr.contains("can't fork") && p.stderr.contains("Resource temporarily"),
