@@ -46,7 +46,10 @@ pub mod prometheus;
 pub mod spec;
 pub mod wait;
 
-pub use agent::{agent_config, container_runtime, containerd_config, shell_plan};
+pub use agent::{
+    ExecResult, agent_config, container_runtime, containerd_config, exec_output,
+    sandbox_cgroup_value, shell_plan,
+};
 pub use containerd::{ContainerdEnv, RUNC_SHIM, RuncOptions, TestRuntime};
 pub use gateway::{GatewayFixture, GatewayParts, Leftovers};
 pub use image::{ResolvedImage, chain_id, read_content, resolve_image};

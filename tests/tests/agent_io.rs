@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fsb_agent::{
     AgentError,
-    exec::{ExecOutput, ExecRequest, ExecSession, exec},
+    exec::{ExecRequest, ExecSession, exec},
     logs::{LogOptions, LogStream, stream_logs},
 };
 use fsb_core::{ErrorCode, HasErrorCode, SandboxId, spec::Runtime};
@@ -22,27 +22,8 @@ const RUNTIMES: [Runtime; 3] = [Runtime::Runc, Runtime::Crun, Runtime::Gvisor];
 
 /// stdout, stderr and the last item of an exec's output.
 async fn finish(session: ExecSession) -> (String, String, Result<i32, AgentError>) {
-    let mut output = session.output;
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let mut last = None;
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(item) = output.next().await {
-            assert!(last.is_none(), "nothing comes after the exit code");
-            match item {
-                Ok(ExecOutput::Stdout(b)) => out.extend_from_slice(&b),
-                Ok(ExecOutput::Stderr(b)) => err.extend_from_slice(&b),
-                Ok(ExecOutput::Exit(code)) => last = Some(Ok(code)),
-                Err(e) => last = Some(Err(e)),
-            }
-        }
-    })
-    .await
-    .expect("exec output ends");
-    (
-        String::from_utf8(out).unwrap(),
-        String::from_utf8(err).unwrap(),
-        last.expect("an exit code or an error ends the output"),
-    )
+    let r = fsb_tests::exec_output(session, DEADLINE).await.unwrap();
+    (r.stdout, r.stderr, r.exit)
 }
 
 fn args(a: &[&str]) -> Vec<String> {

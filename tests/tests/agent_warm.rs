@@ -215,11 +215,15 @@ async fn instances_of_one_image_share_nothing() {
     const SLEEPERS: &str =
         "for p in /proc/[0-9]*; do cat $p/comm 2>/dev/null; done | grep -c '^sleep$'";
     // A writes a file, leaves a process behind and sets a variable; it sees its own
-    // `sleep` (so the count below can see one).
+    // `sleep` (so the count below can see one). The background child is `sh` until it
+    // has exec'd `sleep`: count until it shows (bounded), not once right after `&`.
     let out_a = claim_and_read(
         &rt,
         &a.id,
-        &format!("echo secret > /tmp/a-was-here; export A_SECRET=1; sleep 600 & {SLEEPERS}"),
+        &format!(
+            "echo secret > /tmp/a-was-here; export A_SECRET=1; sleep 600 & \
+             n=0; for i in $(seq 1 500); do n=$({SLEEPERS}); [ \"$n\" -ge 1 ] && break; done; echo $n"
+        ),
     )
     .await;
     assert_eq!(out_a, "1", "A sees its own process");
@@ -239,16 +243,9 @@ async fn instances_of_one_image_share_nothing() {
     }
 }
 
-/// `/sys/fs/cgroup/<controller>/fast-sandbox/<id>/<file>` (cgroup v1, this machine),
-/// else the unified hierarchy's `<v2 file>`.
+/// A sandbox's cgroup file (see [`fsb_tests::sandbox_cgroup_value`]).
 fn cgroup_value(controller: &str, v1: &str, v2: &str, id: &fsb_core::SandboxId) -> String {
-    let root = std::path::Path::new("/sys/fs/cgroup");
-    let rel = std::path::Path::new("fast-sandbox").join(id.as_str());
-    std::fs::read_to_string(root.join(controller).join(&rel).join(v1))
-        .or_else(|_| std::fs::read_to_string(root.join("unified").join(&rel).join(v2)))
-        .unwrap_or_else(|e| panic!("{controller} cgroup of {id}: {e}"))
-        .trim()
-        .to_owned()
+    fsb_tests::sandbox_cgroup_value(controller, v1, v2, id).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[tokio::test]

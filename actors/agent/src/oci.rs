@@ -14,7 +14,8 @@
 //! What it encodes, and where each default comes from:
 //! - process: args with Kubernetes command/args semantics ([`process_args`]), env
 //!   merged image-then-spec ([`process_env`]), cwd, user, containerd's default
-//!   capabilities, `noNewPrivileges`, `RLIMIT_NOFILE` 1024;
+//!   capabilities less `CAP_NET_RAW` in a shared network namespace ([`capabilities`]),
+//!   `noNewPrivileges`, `RLIMIT_NOFILE` 1024;
 //! - root `rootfs` (read-only on request), hostname, containerd's default mounts plus a
 //!   read-only `/sys/fs/cgroup` and the injected files ([`crate::inject`]);
 //! - linux: pid/ipc/uts/mount namespaces plus the network per [`NetworkMode`], cgroups
@@ -64,6 +65,18 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
+
+/// Capabilities of a sandbox's process: [`DEFAULT_CAPABILITIES`], less `CAP_NET_RAW`
+/// when the sandbox joins a shared network namespace ([`NetworkMode::Join`]). There a
+/// raw or packet socket would see and forge every packet of that namespace: other
+/// tenants' sandboxes and the agent's own traffic. (Cost: `ping` as root needs it.)
+pub fn capabilities(network: &NetworkMode) -> Vec<&'static str> {
+    DEFAULT_CAPABILITIES
+        .iter()
+        .copied()
+        .filter(|c| !(matches!(network, NetworkMode::Join(_)) && *c == "CAP_NET_RAW"))
+        .collect()
+}
 
 /// Paths hidden from the sandbox (containerd's defaults): kernel memory, keys, timers.
 pub const MASKED_PATHS: &[&str] = &[
@@ -469,8 +482,9 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
         "maskedPaths": MASKED_PATHS,
         "readonlyPaths": READONLY_PATHS,
     });
+    let caps = capabilities(&input.network);
     if input.runtime != Runtime::Gvisor {
-        linux["seccomp"] = seccomp::default_profile(DEFAULT_CAPABILITIES);
+        linux["seccomp"] = seccomp::default_profile(&caps);
     }
 
     let mut annotations = serde_json::Map::new();
@@ -484,11 +498,7 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
             "args": args,
             "env": env,
             "cwd": cwd,
-            "capabilities": {
-                "bounding": DEFAULT_CAPABILITIES,
-                "effective": DEFAULT_CAPABILITIES,
-                "permitted": DEFAULT_CAPABILITIES,
-            },
+            "capabilities": { "bounding": caps, "effective": caps, "permitted": caps },
             "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": NOFILE_LIMIT, "soft": NOFILE_LIMIT }],
             "noNewPrivileges": true,
         },
@@ -750,9 +760,10 @@ pub(crate) mod tests {
         assert_eq!(p["user"], json!({ "uid": 1000, "gid": 1001 }));
         assert_eq!(p["terminal"], false);
         assert_eq!(p["noNewPrivileges"], true);
-        assert_eq!(p["capabilities"]["bounding"], json!(DEFAULT_CAPABILITIES));
-        assert_eq!(p["capabilities"]["effective"], json!(DEFAULT_CAPABILITIES));
-        assert_eq!(p["capabilities"]["permitted"], json!(DEFAULT_CAPABILITIES));
+        let shared = capabilities(&NetworkMode::Join("/proc/4242/ns/net".into()));
+        assert_eq!(p["capabilities"]["bounding"], json!(shared));
+        assert_eq!(p["capabilities"]["effective"], json!(shared));
+        assert_eq!(p["capabilities"]["permitted"], json!(shared));
         assert!(p["capabilities"].get("inheritable").is_none());
         assert_eq!(
             p["rlimits"],
@@ -805,6 +816,18 @@ pub(crate) mod tests {
 
         let doc = build(&spec, &image(), |i| i.network = NetworkMode::Isolated).unwrap();
         assert_eq!(doc["linux"]["namespaces"][4], json!({ "type": "network" }));
+    }
+
+    #[test]
+    fn net_raw_is_dropped_only_in_a_shared_network_namespace() {
+        let spec = valid_spec(|_| {});
+        let caps = |doc: &Value| doc["process"]["capabilities"]["bounding"].clone();
+        let shared = build(&spec, &image(), |_| {}).unwrap();
+        let mut expected: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
+        expected.retain(|c| *c != "CAP_NET_RAW");
+        assert_eq!(caps(&shared), json!(expected));
+        let own = build(&spec, &image(), |i| i.network = NetworkMode::Isolated).unwrap();
+        assert_eq!(caps(&own), json!(DEFAULT_CAPABILITIES));
     }
 
     #[test]

@@ -1,0 +1,490 @@
+//! Issue 8's sandbox hardening, seen from inside a default sandbox on the real
+//! containerd of `tests/run.sh containerd`: the agent's own create path (its OCI spec:
+//! capabilities, no-new-privileges, seccomp, namespaces, pids limit), then commands
+//! run in the sandbox through exec, which inherits the sandbox's process settings.
+//!
+//! Each test checks that its probe ran and got the expected denial, and where it can
+//! it shows the same probe succeeding (or failing differently) outside the sandbox,
+//! so that a weaker default would make it fail. runc and crun share the host kernel
+//! behind the same spec; gVisor puts its own kernel (the Sentry) in between.
+
+#![allow(clippy::unwrap_used)] // helpers below are test code too
+
+use std::time::Duration;
+
+use fsb_agent::{
+    AgentHandle, CreateSandbox,
+    exec::{ExecRequest, exec},
+    oci::DEFAULT_PIDS_LIMIT,
+};
+use fsb_core::{
+    SandboxId,
+    spec::{Runtime, SandboxSpec, SpecLimits},
+};
+use fsb_tests::{ContainerdEnv, ExecResult};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const ALL: [Runtime; 3] = [Runtime::Runc, Runtime::Crun, Runtime::Gvisor];
+
+/// The main process of every sandbox here; it does nothing but keep the task running.
+const MAIN: [&str; 2] = ["sleep", "86400"];
+
+/// A running default sandbox (nothing in its spec but the image and command, unless
+/// a test says otherwise) of one agent.
+struct Sandbox {
+    agent: AgentHandle,
+    id: SandboxId,
+    runtime: Runtime,
+    /// Host pid of the sandbox's task (runc/crun: its main process).
+    pid: u32,
+}
+
+impl Sandbox {
+    async fn start(
+        agent: &AgentHandle,
+        env: &ContainerdEnv,
+        runtime: Runtime,
+        edit: impl FnOnce(&mut SandboxSpec),
+    ) -> Self {
+        let mut spec = SandboxSpec {
+            namespace: "tenant-a".into(),
+            pool_ref: "default".into(),
+            image: env.image.clone(),
+            command: MAIN.iter().map(|s| s.to_string()).collect(),
+            runtime: format!("{runtime:?}").to_lowercase(),
+            ..SandboxSpec::default()
+        };
+        edit(&mut spec);
+        let spec = spec.validate(&SpecLimits::default()).unwrap();
+        let id = SandboxId::generate();
+        let created = agent
+            .create(CreateSandbox {
+                id: id.clone(),
+                namespace: spec.namespace.to_string(),
+                name: String::new(),
+                claim_uid: String::new(),
+                request_id: String::new(),
+                spec,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{runtime:?}: create: {e}"));
+        Self {
+            agent: agent.clone(),
+            id,
+            runtime,
+            pid: created.pid,
+        }
+    }
+
+    /// Run `sh -c script` in the sandbox and wait for its end; it must exit (not fail
+    /// to start).
+    async fn sh(&self, script: &str) -> Probe {
+        let session = exec(
+            self.agent.runtime(),
+            &self.id,
+            ExecRequest {
+                args: vec!["sh".into(), "-c".into(), script.into()],
+                ..ExecRequest::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{:?}: exec {script:?}: {e}", self.runtime));
+        let ExecResult {
+            stdout,
+            stderr,
+            exit,
+        } = fsb_tests::exec_output(session, DEADLINE).await.unwrap();
+        let code = exit.unwrap_or_else(|e| panic!("{:?}: exec {script:?}: {e}", self.runtime));
+        Probe {
+            stdout,
+            stderr,
+            code,
+        }
+    }
+
+    async fn remove(self) {
+        self.agent
+            .delete(self.id.clone(), Some(Duration::ZERO))
+            .await
+            .unwrap_or_else(|e| panic!("{:?}: delete: {e}", self.runtime));
+    }
+}
+
+#[derive(Debug)]
+struct Probe {
+    stdout: String,
+    stderr: String,
+    code: i32,
+}
+
+impl Probe {
+    /// The value of the `key=value` line the probe printed.
+    fn value(&self, key: &str) -> &str {
+        let prefix = format!("{key}=");
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {key}= line in {self:#?}"))
+    }
+}
+
+async fn agent(env: &ContainerdEnv, name: &str) -> AgentHandle {
+    AgentHandle::start(fsb_tests::agent_config(env, name, 10))
+        .await
+        .unwrap()
+}
+
+/// A host process the sandbox must not see, and its marker argument.
+struct HostProcess {
+    child: std::process::Child,
+    marker: String,
+}
+
+impl HostProcess {
+    fn spawn() -> Self {
+        // A sleep length no other process has: the marker to look for.
+        let marker = format!("{}", 700_000 + std::process::id() % 100_000);
+        let child = std::process::Command::new("sleep")
+            .arg(&marker)
+            .spawn()
+            .unwrap();
+        Self { child, marker }
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `pid argv…` for every process the sandbox's /proc lists (what `ps` reads), one
+/// line each (the probe's own argv holds newlines).
+const LIST_PROCESSES: &str = r#"for d in /proc/[0-9]*; do
+  echo "${d#/proc/} $(tr '\0\n' '  ' < "$d/cmdline" 2>/dev/null)"
+done"#;
+
+#[actix_rt::test]
+async fn a_sandbox_sees_only_its_own_processes() {
+    let env = ContainerdEnv::from_env();
+    let agent = agent(&env, "agent-hardening-ps").await;
+    let host = HostProcess::spawn();
+    let host_pid = host.child.id();
+    let test_pid = std::process::id();
+    // Control: the host's /proc shows the marker (once the child has exec'd), so a
+    // listing that could see host processes would find it.
+    let cmdline = format!("/proc/{host_pid}/cmdline");
+    fsb_tests::wait_until("the host process runs sleep", DEADLINE, || async {
+        let argv = tokio::fs::read(&cmdline).await?;
+        Ok(String::from_utf8_lossy(&argv)
+            .contains(&host.marker)
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+
+    for runtime in ALL {
+        let sbx = Sandbox::start(&agent, &env, runtime, |_| {}).await;
+        let p = sbx
+            .sh(&format!(
+                "{LIST_PROCESSES}
+echo ---
+ps
+echo host_pid_dir=$(test -e /proc/{host_pid} && echo present || echo absent)
+echo test_pid_dir=$(test -e /proc/{test_pid} && echo present || echo absent)
+kill -0 {host_pid} 2>&1; echo kill_rc=$?"
+            ))
+            .await;
+        assert_eq!(p.code, 0, "{runtime:?}: {p:#?}");
+        let (listing, ps) = p.stdout.split_once("---\n").unwrap();
+        let processes: Vec<(u32, &str)> = listing
+            .lines()
+            .map(|l| {
+                let (pid, argv) = l.split_once(' ').unwrap_or((l, ""));
+                let pid = pid
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{runtime:?}: line {l:?} of {p:#?}"));
+                (pid, argv.trim())
+            })
+            .collect();
+        // The sandbox's main process is pid 1 of its own namespace...
+        assert!(
+            processes.contains(&(1, "sleep 86400")),
+            "{runtime:?}: {processes:?}"
+        );
+        // ...and everything else listed is the probe itself (its shell, subshells, tr).
+        for (pid, argv) in &processes {
+            let ours = *argv == "sleep 86400"
+                || argv.starts_with("sh -c")
+                || argv.starts_with("tr ")
+                || argv.is_empty(); // a subshell that ended while listed
+            assert!(
+                ours,
+                "{runtime:?}: process {pid} {argv:?} is not the sandbox's"
+            );
+            assert!(*pid != host_pid && *pid != test_pid, "{runtime:?}: {pid}");
+        }
+        assert!(
+            !p.stdout.contains(&host.marker),
+            "{runtime:?}: the host's `sleep {}` is visible: {p:#?}",
+            host.marker
+        );
+        assert!(ps.contains("sleep 86400"), "{runtime:?}: ps ran: {ps}");
+        assert_eq!(p.value("host_pid_dir"), "absent", "{runtime:?}");
+        assert_eq!(p.value("test_pid_dir"), "absent", "{runtime:?}");
+        assert_ne!(p.value("kill_rc"), "0", "{runtime:?}: {p:#?}");
+        sbx.remove().await;
+    }
+}
+
+/// Each attempt prints `<name>=<exit code> <its output>`.
+const MOUNT_ATTEMPTS: &str = r#"try() { name=$1; shift; out=$("$@" 2>&1); echo "$name=$? $out"; }
+echo uid=$(id -u)
+mkdir -p /tmp/m
+try tmpfs mount -t tmpfs fsb-probe /tmp/m
+try proc mount -t proc fsb-probe /tmp/m
+try bind mount -o bind / /tmp/m
+try remount_sys mount -o remount,rw /sys
+try userns busybox unshare -U -m busybox mount -t tmpfs fsb-probe /tmp/m
+echo mounted=$(grep -c fsb-probe /proc/mounts)
+try core_pattern sh -c 'cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern'
+echo timer_list=$(cat /proc/timer_list 2>/dev/null | wc -c)
+echo keys=$(cat /proc/keys 2>/dev/null | wc -c)"#;
+
+/// Also the kernel settings a mount would reach: masked /proc files read empty and
+/// /proc/sys is read-only.
+#[actix_rt::test]
+async fn a_sandbox_cannot_mount() {
+    let env = ContainerdEnv::from_env();
+    let agent = agent(&env, "agent-hardening-mount").await;
+    // Control: the host's kernel interfaces that the sandbox's are masked over.
+    for masked in ["/proc/timer_list", "/proc/keys"] {
+        assert!(!std::fs::read(masked).unwrap().is_empty(), "{masked}");
+    }
+    for runtime in ALL {
+        let sbx = Sandbox::start(&agent, &env, runtime, |_| {}).await;
+        let p = sbx.sh(MOUNT_ATTEMPTS).await;
+        // Root inside: the denials come from the hardening, not from being a user.
+        assert_eq!(p.value("uid"), "0", "{runtime:?}: {p:#?}");
+        // Each attempt failed with EPERM ("permission denied" is busybox mount's
+        // wording of it), not for some other reason. The user-namespace route: runc
+        // and crun refuse the unshare (seccomp); gVisor creates the namespace but
+        // refuses the first mount in it.
+        for attempt in ["tmpfs", "proc", "bind", "remount_sys", "userns"] {
+            let result = p.value(attempt);
+            assert!(
+                !result.starts_with("0 ")
+                    && (result.contains("permission denied")
+                        || result.contains("Operation not permitted")),
+                "{runtime:?}: {attempt}: {result:?}"
+            );
+        }
+        assert_eq!(p.value("mounted"), "0", "{runtime:?}: {p:#?}");
+        assert_eq!(p.value("timer_list"), "0", "{runtime:?}: masked");
+        assert_eq!(p.value("keys"), "0", "{runtime:?}: masked");
+        // /proc/sys is read-only (gVisor's has no core_pattern at all).
+        if runtime != Runtime::Gvisor {
+            let result = p.value("core_pattern");
+            assert!(
+                !result.starts_with("0 ") && result.contains("Read-only file system"),
+                "{runtime:?}: {result:?}"
+            );
+        }
+        sbx.remove().await;
+    }
+}
+
+/// A file that is no kernel module, and `insmod` on it; prints `insmod=<exit code>`.
+const INSMOD: &str = "echo not-a-module > /tmp/fsb-probe.ko
+busybox insmod /tmp/fsb-probe.ko; echo insmod=$?";
+
+#[actix_rt::test]
+async fn a_sandbox_cannot_load_kernel_modules() {
+    let env = ContainerdEnv::from_env();
+    let agent = agent(&env, "agent-hardening-insmod").await;
+    // Control: the same call on the host reaches the kernel, which answers something
+    // other than EPERM (ENOSYS where modules are compiled out, as on this machine's
+    // kernel; a bad-format error where they are not).
+    let host = tempfile::tempdir().unwrap();
+    let module = host.path().join("fsb-probe.ko");
+    std::fs::write(&module, "not-a-module\n").unwrap();
+    let out = std::process::Command::new("busybox")
+        .arg("insmod")
+        .arg(&module)
+        .output()
+        .unwrap();
+    let host_err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{host_err}");
+    assert!(
+        host_err.contains("can't insert") && !host_err.contains("Operation not permitted"),
+        "host insmod: {host_err}"
+    );
+
+    for runtime in ALL {
+        let sbx = Sandbox::start(&agent, &env, runtime, |_| {}).await;
+        let p = sbx.sh(INSMOD).await;
+        assert_ne!(p.value("insmod"), "0", "{runtime:?}: {p:#?}");
+        // EPERM: under runc and crun from the seccomp profile, before the kernel is
+        // asked; under gVisor from the Sentry, so the host kernel never sees the call.
+        assert!(
+            p.stderr
+                .contains("can't insert '/tmp/fsb-probe.ko': Operation not permitted"),
+            "{runtime:?}: {p:#?}"
+        );
+        sbx.remove().await;
+    }
+}
+
+/// Starts up to 64 background sleeps, printing the count after each; the shell stops
+/// at the first fork the kernel refuses.
+const FORK_64: &str = "n=0
+while [ $n -lt 64 ]; do sleep 86400 >/dev/null 2>&1 & n=$((n+1)); echo started=$n; done";
+
+#[actix_rt::test]
+async fn a_sandbox_cannot_exceed_its_pids_limit() {
+    let env = ContainerdEnv::from_env();
+    let agent = agent(&env, "agent-hardening-pids").await;
+    const LIMIT: u32 = 16;
+    // Not gVisor: there the cgroup holds the Sentry's host threads, not the sandbox's
+    // processes (which the Sentry runs itself), and 16 pids do not even start it.
+    for runtime in [Runtime::Runc, Runtime::Crun] {
+        // A default sandbox has a limit.
+        let plain = Sandbox::start(&agent, &env, runtime, |_| {}).await;
+        let max = fsb_tests::sandbox_cgroup_value("pids", "pids.max", "pids.max", &plain.id);
+        assert_eq!(max.unwrap(), DEFAULT_PIDS_LIMIT.to_string(), "{runtime:?}");
+        plain.remove().await;
+
+        // A small one, so that the limit and not the loop's end stops the forks.
+        let sbx = Sandbox::start(&agent, &env, runtime, |s| s.resources.pids = LIMIT).await;
+        let p = sbx.sh(FORK_64).await;
+        let started: u32 = p
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("started="))
+            .next_back()
+            .map_or(0, |n| n.parse().unwrap());
+        assert!(
+            p.stderr.contains("can't fork") && p.stderr.contains("Resource temporarily"),
+            "{runtime:?}: the kernel refused a fork: {p:#?}"
+        );
+        assert_ne!(p.code, 0, "{runtime:?}");
+        // The sandbox's main process and the probe's shell hold two of the pids.
+        assert!(
+            (LIMIT / 2..=LIMIT - 2).contains(&started),
+            "{runtime:?}: {started} sleeps started under a limit of {LIMIT}: {p:#?}"
+        );
+        let cgroup = |file: &str| {
+            fsb_tests::sandbox_cgroup_value("pids", file, file, &sbx.id)
+                .unwrap_or_else(|e| panic!("{runtime:?}: {e:#}"))
+        };
+        assert_eq!(cgroup("pids.max"), LIMIT.to_string(), "{runtime:?}");
+        let current: u32 = cgroup("pids.current").parse().unwrap();
+        assert!(
+            current <= LIMIT && current > started,
+            "{runtime:?}: pids.current {current}, started {started}"
+        );
+        let refused = cgroup("pids.events");
+        assert_ne!(refused, "max 0", "{runtime:?}: the cgroup counted refusals");
+        sbx.remove().await;
+    }
+}
+
+/// Where a sandbox can write without any volume: its rootfs, tmpfs-backed /dev/shm.
+const SECRET_DIRS: [&str; 5] = ["/root", "/tmp", "/var/tmp", "/run", "/dev/shm"];
+
+/// Lists every file named `fsb-secret*` outside /proc and /sys.
+const FIND_SECRETS: &str =
+    "find / -path /proc -prune -o -path /sys -prune -o -name 'fsb-secret*' -print";
+
+#[actix_rt::test]
+async fn a_sandbox_cannot_read_another_sandboxs_files() {
+    let env = ContainerdEnv::from_env();
+    let agent = agent(&env, "agent-hardening-files").await;
+    for runtime in ALL {
+        let secret = format!("secret-{}", SandboxId::generate());
+        let a = Sandbox::start(&agent, &env, runtime, |_| {}).await;
+        let b = Sandbox::start(&agent, &env, runtime, |s| s.namespace = "tenant-b".into()).await;
+
+        let write: String = SECRET_DIRS
+            .iter()
+            .map(|d| format!("echo {secret} > {d}/fsb-secret && "))
+            .collect();
+        let p = a.sh(&format!("{write}{FIND_SECRETS}")).await;
+        assert_eq!(p.code, 0, "{runtime:?}: {p:#?}");
+        let found: Vec<&str> = p.stdout.lines().collect();
+        assert_eq!(
+            found.len(),
+            SECRET_DIRS.len(),
+            "{runtime:?}: A finds its own: {p:#?}"
+        );
+        if runtime != Runtime::Gvisor {
+            // Control from the host: the file is really in A's root filesystem.
+            let on_host = std::fs::read_to_string(format!("/proc/{}/root/tmp/fsb-secret", a.pid));
+            assert_eq!(on_host.unwrap().trim(), secret, "{runtime:?}");
+        }
+
+        let reads: String = SECRET_DIRS
+            .iter()
+            .map(|d| format!("cat {d}/fsb-secret; "))
+            .collect();
+        let p = b
+            .sh(&format!(
+                "{reads}
+cat /proc/*/root/tmp/fsb-secret
+echo ---
+{FIND_SECRETS}
+echo ---
+grep -rl secret- /root /tmp /var /run /dev/shm; echo grep_rc=$?"
+            ))
+            .await;
+        let sections: Vec<&str> = p.stdout.split("---\n").collect();
+        assert_eq!(sections.len(), 3, "{runtime:?}: {p:#?}");
+        assert_eq!(sections[0], "", "{runtime:?}: B read A's files: {p:#?}");
+        assert_eq!(sections[1], "", "{runtime:?}: B finds A's files: {p:#?}");
+        assert_eq!(
+            p.value("grep_rc"),
+            "1",
+            "{runtime:?}: nothing matches: {p:#?}"
+        );
+        assert!(!p.stdout.contains(&secret), "{runtime:?}: {p:#?}");
+        assert!(
+            p.stderr.matches("No such file or directory").count() > SECRET_DIRS.len(),
+            "{runtime:?}: every read failed for want of the file: {p:#?}"
+        );
+        a.remove().await;
+        b.remove().await;
+    }
+}
+
+/// `busybox arping` opens a packet socket (AF_PACKET) before anything else, then
+/// refuses loopback as "not ARPable": so its message says which step stopped it.
+const ARPING: [&str; 8] = ["busybox", "arping", "-c", "1", "-w", "1", "-I", "lo"];
+
+#[actix_rt::test]
+async fn a_sandbox_cannot_open_packet_sockets_in_the_shared_network_namespace() {
+    let env = ContainerdEnv::from_env();
+    let agent = agent(&env, "agent-hardening-netraw").await;
+    // Control: on the host (CAP_NET_RAW) the socket opens and loopback is refused.
+    let out = std::process::Command::new(ARPING[0])
+        .args(&ARPING[1..])
+        .arg("127.0.0.1")
+        .output()
+        .unwrap();
+    let host_err = String::from_utf8_lossy(&out.stderr);
+    assert!(host_err.contains("not ARPable"), "host arping: {host_err}");
+
+    for runtime in ALL {
+        let sbx = Sandbox::start(&agent, &env, runtime, |_| {}).await;
+        let p = sbx.sh(&format!("{} 127.0.0.1", ARPING.join(" "))).await;
+        assert_ne!(p.code, 0, "{runtime:?}: {p:#?}");
+        // gVisor runs with its own netstack here (the harness's --network=none) and
+        // drops CAP_NET_RAW itself; runc and crun share the agent's namespace.
+        assert!(
+            p.stderr.contains("arping: socket: Operation not permitted")
+                || runtime == Runtime::Gvisor && p.stderr.contains("arping: socket: "),
+            "{runtime:?}: {p:#?}"
+        );
+        sbx.remove().await;
+    }
+}
