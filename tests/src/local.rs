@@ -146,6 +146,36 @@ impl LocalUp {
         ))
     }
 
+    /// `fsb ARGS` against this `fsb up` (its data directory; no FSB_ENDPOINT or
+    /// FSB_TOKEN from outside); its stdout, or an error with both streams if it failed.
+    pub async fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(fsb_bin())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .env_remove("FSB_ENDPOINT")
+            .env_remove("FSB_TOKEN")
+            .output()
+            .await
+            .context("running fsb")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(
+            out.status.success(),
+            "fsb {}: exit {:?}\nstdout: {stdout}\nstderr: {}",
+            args.join(" "),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
+    }
+
+    /// [`Self::cli`] with `-o json`, parsed.
+    pub async fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.cli(&[args, &["-o", "json"]].concat()).await?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("fsb {}: not JSON: {out}", args.join(" ")))
+    }
+
     /// SIGKILL and reap.
     pub async fn kill9(&mut self) -> Result<()> {
         self.child.start_kill()?;

@@ -1050,6 +1050,7 @@ fn record(
         expire_time_ms: None,
         reset_revision: 0,
         accepted_reset_revision: 0,
+        timeline: None,
         created_ms: 0,
         resource_version: 0,
     }

@@ -217,18 +217,54 @@ async fn kubectl_and_fast_path_sandboxes_share_a_pool() -> Result<()> {
             .and_then(|x| x.status.as_ref())
             .map(|st| st.sandbox_id.clone())
     );
-    // Fast path, FAST: the object lands shortly after.
-    c.create(fast_create(
-        "fast-fast",
-        &s.ns,
-        &image,
-        fp::ConsistencyMode::Fast,
-    ))
-    .await?;
-    s.wait("fast-fast", "the FAST record to land Running", |o| {
-        phase(o) == Some(SandboxPhase::Running)
-    })
-    .await?;
+    // Its start timeline was written with the Running write: status.timeline.
+    let timeline = resp
+        .timeline
+        .clone()
+        .expect("a create answers its timeline");
+    let written = obj
+        .status
+        .as_ref()
+        .and_then(|st| st.timeline.clone())
+        .expect("status.timeline");
+    assert_eq!(written.total_us, timeline.total_us);
+    assert_eq!(written.path, timeline.path);
+    let written_names: Vec<&str> = written.stages.iter().map(|x| x.name.as_str()).collect();
+    let answered_names: Vec<&str> = timeline.stages.iter().map(|x| x.name.as_str()).collect();
+    assert_eq!(written_names, answered_names);
+    // Fast path, FAST: the object lands shortly after, with its timeline.
+    let fast = c
+        .create(fast_create(
+            "fast-fast",
+            &s.ns,
+            &image,
+            fp::ConsistencyMode::Fast,
+        ))
+        .await?
+        .into_inner();
+    let landed = s
+        .wait("fast-fast", "the FAST record to land Running", |o| {
+            phase(o) == Some(SandboxPhase::Running)
+        })
+        .await?;
+    let written = landed.status.and_then(|st| st.timeline);
+    assert_eq!(
+        written.map(|t| t.total_us),
+        fast.timeline.as_ref().map(|t| t.total_us),
+        "the FAST record carries the timeline"
+    );
+    // Get reads it back from the object.
+    let got = c
+        .get(fp::GetRequest {
+            namespace: s.ns.clone(),
+            name: "fast-fast".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        got.status.and_then(|st| st.timeline).map(|t| t.total_us),
+        fast.timeline.map(|t| t.total_us)
+    );
 
     // List shows all three; exec reaches the kubectl-made one through the agent.
     let list = c

@@ -207,7 +207,7 @@ pub struct Endpoint {
     pub port: u32,
 }
 
-/// A start's per-stage timings.
+/// A start's per-stage timings, written with the record of a fast-path create.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Timeline {
@@ -220,6 +220,14 @@ pub struct Timeline {
     /// "cold" or "warm".
     #[serde(default)]
     pub path: String,
+    /// Why a warm request went cold, or similar remarks.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub note: String,
+    /// When the user process started, Unix microseconds on the agent's clock; 0 if
+    /// unknown.
+    #[serde(default)]
+    pub started_unix_us: u64,
 }
 
 /// One stage of a start.

@@ -5,7 +5,7 @@
 //! Mapping (one object per record, key = namespace/name):
 //! - `spec` is the sandbox spec; `status` holds phase, agent (`agentUID`, plus
 //!   `assignedPod` for people), node, sandbox id, exit code, accepted reset revision
-//!   and `phaseTime` (when the phase last changed).
+//!   and `phaseTime` (when the phase last changed), and the create's `timeline`.
 //! - Labels: the user's, plus `fast-sandbox.io/id` (sandbox id, for lookups by id),
 //!   `fast-sandbox.io/claim-uid` (the record's uid, which the janitor compares with the
 //!   container's) and `fast-sandbox.io/request-id-hash` (request ids may hold
@@ -34,7 +34,8 @@ use fsb_core::{
     spec::{self, SpecDigest, SpecLimits},
 };
 use fsb_store::{
-    EventKind, ListFilter, Phase, SandboxStore, StoreError, StoreEvent, StoredSandbox,
+    EventKind, ListFilter, Phase, SandboxStore, StartPath, StartStage, StartTimeline, StoreError,
+    StoreEvent, StoredSandbox,
 };
 use futures::StreamExt;
 use k8s_openapi::{
@@ -52,7 +53,7 @@ use tokio::sync::broadcast;
 
 use crate::crd::{
     EnvVar, FailurePolicy, Resources, RuntimeName, Sandbox, SandboxPhase, SandboxSpec,
-    SandboxStatus,
+    SandboxStatus, Stage, Timeline,
 };
 
 /// Label holding a hash of the request id (label values are limited to 63 characters
@@ -274,6 +275,7 @@ pub fn to_record(obj: &Sandbox, limits: &SpecLimits) -> Result<StoredSandbox, St
         expire_time_ms: obj.spec.expire_time.as_ref().map(|t| t.0.as_millisecond()),
         reset_revision: obj.spec.reset_revision,
         accepted_reset_revision: status.accepted_reset_revision,
+        timeline: status.timeline.as_ref().map(timeline_from_crd),
         created_ms,
         resource_version,
     })
@@ -466,6 +468,47 @@ fn phase_from_crd(p: SandboxPhase) -> Phase {
     }
 }
 
+/// A record's timeline as `status.timeline` spells it.
+pub fn crd_timeline(t: &StartTimeline) -> Timeline {
+    Timeline {
+        stages: t
+            .stages
+            .iter()
+            .map(|s| Stage {
+                name: s.name.clone(),
+                start_us: s.start_us,
+                duration_us: s.duration_us,
+            })
+            .collect(),
+        total_us: t.total_us,
+        path: t.path.as_str().to_owned(),
+        note: t.note.clone(),
+        started_unix_us: t.started_unix_us,
+    }
+}
+
+/// `status.timeline` as a record keeps it (bounded: anyone with write access to the
+/// status may have written it).
+fn timeline_from_crd(t: &Timeline) -> StartTimeline {
+    StartTimeline {
+        path: StartPath::parse(&t.path),
+        note: t.note.clone(),
+        total_us: t.total_us,
+        started_unix_us: t.started_unix_us,
+        stages: t
+            .stages
+            .iter()
+            .take(StartTimeline::MAX_STAGES)
+            .map(|s| StartStage {
+                name: s.name.clone(),
+                start_us: s.start_us,
+                duration_us: s.duration_us,
+            })
+            .collect(),
+    }
+    .bounded()
+}
+
 /// The hash label value of a request id.
 pub fn request_id_hash(id: &RequestId) -> String {
     hex::encode(&Sha256::digest(id.as_str().as_bytes())[..20])
@@ -508,6 +551,7 @@ fn status_patch(
         "nodeName": r.node.as_ref().map(ToString::to_string),
         "exitCode": r.exit_code,
         "acceptedResetRevision": r.accepted_reset_revision,
+        "timeline": r.timeline.as_ref().map(crd_timeline),
     });
     if r.agent.is_none() {
         v["assignedPod"] = serde_json::Value::Null;
@@ -898,5 +942,32 @@ mod tests {
         assert_eq!(rec.exit_code, Some(3));
         // The id still comes from the id label when the status has none.
         assert_eq!(rec.sandbox_id.as_str(), "8da65084d2c64d90a576dc165b5e62c7");
+    }
+
+    #[test]
+    fn the_timeline_round_trips_through_the_status_and_its_patch() {
+        let t = StartTimeline {
+            path: StartPath::Warm,
+            note: "n".into(),
+            total_us: 900,
+            started_unix_us: 7,
+            stages: vec![StartStage {
+                name: "runtime".into(),
+                start_us: 10,
+                duration_us: 800,
+            }],
+        };
+        let mut rec = to_record(&created_object(None), &SpecLimits::default()).unwrap();
+        rec.timeline = Some(t.clone());
+        let patch = status_patch(&rec, None, None);
+        assert_eq!(patch["timeline"]["path"], "warm");
+        assert_eq!(patch["timeline"]["startedUnixUs"], 7);
+        assert_eq!(patch["timeline"]["stages"][0]["durationUs"], 800);
+        let obj = created_object(Some(patch));
+        let back = to_record(&obj, &SpecLimits::default()).unwrap();
+        assert_eq!(back.timeline, Some(t));
+        // An empty note is written, so a merge patch cannot keep an old one.
+        rec.timeline = Some(StartTimeline::default());
+        assert_eq!(status_patch(&rec, None, None)["timeline"]["note"], "");
     }
 }

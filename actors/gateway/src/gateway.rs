@@ -591,6 +591,7 @@ impl<S: SandboxStore> Gateway<S> {
             expire_time_ms: c.expire_time_ms,
             reset_revision: c.reset_revision,
             accepted_reset_revision: c.reset_revision,
+            timeline: None,
             created_ms: convert::now_ms(),
             resource_version: 0,
         };
@@ -662,6 +663,12 @@ impl<S: SandboxStore> Gateway<S> {
             })
             .to_owned();
 
+        let started_unix_us = created.timeline.as_ref().map_or(0, |t| t.started_unix_us);
+        let timeline = c.timeline.finish(&path, note, started_unix_us);
+        // The record keeps it (STRONG: with the Running write; FAST: in the record
+        // writer's write), so Get shows it later.
+        record.timeline = Some(convert::stored_timeline(&timeline));
+
         // Take the exit seen during the agent call only after the record can take
         // later ones (STRONG: written Running; FAST: in `pending`), so none is lost.
         let early = |inner: &Inner<S>| inner.starting.remove(&c.sandbox_id).and_then(|(_, e)| e);
@@ -685,8 +692,6 @@ impl<S: SandboxStore> Gateway<S> {
             }
             self.spawn_record_writer(c.key.clone());
         }
-        let started_unix_us = created.timeline.as_ref().map_or(0, |t| t.started_unix_us);
-        let timeline = c.timeline.finish(&path, note, started_unix_us);
         // One line per create; the span adds request id, name and trace id.
         tracing::info!(
             sandbox = %c.sandbox_id,
@@ -705,7 +710,7 @@ impl<S: SandboxStore> Gateway<S> {
                 .map(|s| (s.name.as_str(), Duration::from_micros(s.duration_us))),
             Duration::from_micros(timeline.total_us),
         );
-        let sandbox = convert::sandbox(&record, strong, Some(timeline.clone()));
+        let sandbox = convert::sandbox(&record, strong);
         Ok((
             fp::CreateResponse {
                 sandbox: Some(sandbox),
@@ -731,6 +736,7 @@ impl<S: SandboxStore> Gateway<S> {
                             current = StoredSandbox {
                                 phase: record.phase,
                                 exit_code: record.exit_code.or(fresh.exit_code),
+                                timeline: record.timeline.clone().or(fresh.timeline),
                                 ..fresh
                             };
                         }
@@ -841,7 +847,7 @@ impl<S: SandboxStore> Gateway<S> {
             .lookup(&key)
             .await?
             .ok_or_else(|| not_found(&key.0, &key.1))?;
-        Ok(convert::sandbox(&rec, recorded, None))
+        Ok(convert::sandbox(&rec, recorded))
     }
 
     /// Sandboxes passing the filter, ordered by (namespace, name).
@@ -860,14 +866,14 @@ impl<S: SandboxStore> Gateway<S> {
             if filter.matches(r.value()) {
                 out.insert(
                     (r.namespace.to_string(), r.name.to_string()),
-                    convert::sandbox(r.value(), false, None),
+                    convert::sandbox(r.value(), false),
                 );
             }
         }
         for r in self.inner.store.list(&filter).await? {
             out.insert(
                 (r.namespace.to_string(), r.name.to_string()),
-                convert::sandbox(&r, true, None),
+                convert::sandbox(&r, true),
             );
         }
         Ok(out.into_values().collect())
@@ -929,23 +935,24 @@ impl<S: SandboxStore> Gateway<S> {
         req: &fp::ListRequest,
     ) -> Result<Vec<fp::WarmLevel>, GatewayError> {
         let snapshot = self.inner.registry.snapshot().await?;
-        Ok(snapshot
-            .warm_levels()
-            .into_iter()
-            .filter(|((namespace, pool, _, _), _)| {
-                (req.namespace.is_empty() || *namespace == req.namespace)
-                    && (req.pool_ref.is_empty() || *pool == req.pool_ref)
-            })
-            .map(
-                |((namespace, pool_ref, image, runtime), ready)| fp::WarmLevel {
-                    namespace: namespace.to_owned(),
-                    pool_ref: pool_ref.to_owned(),
-                    image: image.to_owned(),
-                    runtime: convert::runtime(Some(runtime)) as i32,
-                    ready: u32::try_from(ready).unwrap_or(u32::MAX),
-                },
-            )
-            .collect())
+        Ok(convert::warm_levels(
+            &snapshot,
+            &req.namespace,
+            &req.pool_ref,
+        ))
+    }
+
+    /// Slots and warm instances per agent and pool now, after `req`'s namespace and
+    /// pool filters (`fsb top`).
+    pub async fn usage(&self, req: &fp::UsageRequest) -> Result<fp::UsageResponse, GatewayError> {
+        if !req.namespace.is_empty() {
+            NamespaceName::parse("namespace", &req.namespace)?;
+        }
+        if !req.pool_ref.is_empty() {
+            PoolName::parse("pool_ref", &req.pool_ref)?;
+        }
+        let snapshot = self.inner.registry.snapshot().await?;
+        Ok(convert::usage(&snapshot, &req.namespace, &req.pool_ref))
     }
 
     /// Changes, optionally preceded by the current state (as ADDED).
@@ -971,7 +978,7 @@ impl<S: SandboxStore> Gateway<S> {
                 if name.as_ref().is_none_or(|n| *n == r.name) {
                     initial.push(Ok(fp::WatchEvent {
                         r#type: fp::watch_event::Type::Added as i32,
-                        sandbox: Some(convert::sandbox(&r, true, None)),
+                        sandbox: Some(convert::sandbox(&r, true)),
                     }));
                 }
             }
@@ -1000,7 +1007,7 @@ impl<S: SandboxStore> Gateway<S> {
                 };
                 Some(Ok(fp::WatchEvent {
                     r#type: kind as i32,
-                    sandbox: Some(convert::sandbox(r, true, None)),
+                    sandbox: Some(convert::sandbox(r, true)),
                 }))
             }
         });
@@ -1294,7 +1301,7 @@ impl<S: SandboxStore> Gateway<S> {
                 }
             });
         }
-        Ok(convert::sandbox(&updated, true, None))
+        Ok(convert::sandbox(&updated, true))
     }
 
     /// Restart a sandbox in place: same id, agent, slot and ports, a fresh container.
@@ -1517,6 +1524,8 @@ impl<S: SandboxStore> Gateway<S> {
             rec.phase = Phase::Pending;
             rec.node = None;
             rec.exit_code = None;
+            // The timeline was the lost container's start.
+            rec.timeline = None;
             store.update(rec).await?;
             Ok(true)
         })
@@ -1890,6 +1899,7 @@ fn adopt(
         expire_time_ms: None,
         reset_revision: 0,
         accepted_reset_revision: 0,
+        timeline: None,
         created_ms: convert::now_ms(),
         resource_version: 0,
     })
@@ -1937,7 +1947,7 @@ fn replay(
         )));
     }
     Ok(fp::CreateResponse {
-        sandbox: Some(convert::sandbox(rec, true, None)),
+        sandbox: Some(convert::sandbox(rec, true)),
         timeline: None,
         replayed: true,
         mode: mode as i32,

@@ -1,7 +1,7 @@
 //! fsb-gateway: the fast path.
 //!
-//! Role: serve `fastpath.v1` (Create, Delete, Get, List, Update, Watch, Exec, Logs, and
-//! Images in local mode). A create is validated, its name and request id reserved by
+//! Role: serve `fastpath.v1` (Create, Delete, Get, List, Update, Watch, Exec, Logs,
+//! Usage, and Images in local mode). A create is validated, its name and request id reserved by
 //! the [`GatewayActor`] (mailbox-serialized), a slot allocated by the registry actor,
 //! the container created by the agent, and the sandbox recorded in the
 //! [`fsb_store::SandboxStore`]: before the container in STRONG mode, after the answer

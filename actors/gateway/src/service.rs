@@ -220,6 +220,17 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
             .map(Response::new)
             .map_err(status)
     }
+
+    async fn usage(
+        &self,
+        request: Request<fp::UsageRequest>,
+    ) -> Result<Response<fp::UsageResponse>, Status> {
+        self.gateway
+            .usage(request.get_ref())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
 }
 
 /// `fastpath.v1.Images` over the local agent's image store (local mode).

@@ -40,7 +40,9 @@ use fsb_core::{NamespaceName, RequestId, SandboxId, SandboxName};
 use tokio::sync::broadcast;
 
 pub use error::StoreError;
-pub use record::{EventKind, ListFilter, Phase, StoreEvent, StoredSandbox};
+pub use record::{
+    EventKind, ListFilter, Phase, StartPath, StartStage, StartTimeline, StoreEvent, StoredSandbox,
+};
 pub use sqlite::{SqliteConfig, SqliteStore, Synchronous};
 
 /// The sandbox record store. Lookups return `Ok(None)` for a missing record; writes

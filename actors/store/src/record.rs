@@ -101,6 +101,9 @@ pub struct StoredSandbox {
     pub reset_revision: i64,
     /// Reset revision the agent has carried out.
     pub accepted_reset_revision: i64,
+    /// Where the create's time went (what `fsb get` shows), written with the create's
+    /// record; `None` for records no fast-path create made (adopted, kubectl).
+    pub timeline: Option<StartTimeline>,
     /// Creation time, Unix milliseconds. Immutable.
     pub created_ms: i64,
     /// Set by the store on every write, strictly increasing across the whole store
@@ -118,6 +121,100 @@ impl StoredSandbox {
     /// `namespace/name`, for messages.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How a sandbox's process was started.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum StartPath {
+    /// A container was created for it.
+    #[default]
+    Cold,
+    /// A pre-started warm instance was handed its process.
+    Warm,
+}
+
+impl StartPath {
+    /// `cold` or `warm`, as the API and the CRD spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartPath::Cold => "cold",
+            StartPath::Warm => "warm",
+        }
+    }
+
+    /// Inverse of [`Self::as_str`]; anything else is cold (the agent's default).
+    pub fn parse(s: &str) -> StartPath {
+        if s == "warm" {
+            StartPath::Warm
+        } else {
+            StartPath::Cold
+        }
+    }
+}
+
+/// One stage of a start, microseconds relative to when the create was received.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StartStage {
+    /// validate, allocate, record, agent, runtime, runtime.<agent stage>.
+    pub name: String,
+    /// Start, after the create was received.
+    pub start_us: u64,
+    /// Duration.
+    pub duration_us: u64,
+}
+
+/// A create's start timeline as the record keeps it. Bounded ([`Self::bounded`]):
+/// every write of the record carries it, so it must stay small.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StartTimeline {
+    /// Cold or warm.
+    pub path: StartPath,
+    /// Why a warm request went cold, or similar remarks (at most [`Self::MAX_NOTE`]).
+    #[serde(default)]
+    pub note: String,
+    /// From receipt to the agent's answer.
+    pub total_us: u64,
+    /// When the user process started, Unix microseconds on the agent's clock; 0 if
+    /// unknown.
+    #[serde(default)]
+    pub started_unix_us: u64,
+    /// Stages in order (at most [`Self::MAX_STAGES`]).
+    #[serde(default)]
+    pub stages: Vec<StartStage>,
+}
+
+impl StartTimeline {
+    /// Most stages kept (a create has about a dozen).
+    pub const MAX_STAGES: usize = 32;
+    /// Longest note kept, in bytes.
+    pub const MAX_NOTE: usize = 256;
+    /// Longest stage name kept, in bytes.
+    pub const MAX_NAME: usize = 64;
+
+    /// Cut to the bounds: extra stages dropped, the note and stage names shortened
+    /// on a character boundary.
+    pub fn bounded(mut self) -> Self {
+        self.stages.truncate(Self::MAX_STAGES);
+        truncate(&mut self.note, Self::MAX_NOTE);
+        for s in &mut self.stages {
+            truncate(&mut s.name, Self::MAX_NAME);
+        }
+        self
+    }
+}
+
+/// Shorten `s` to at most `max` bytes without splitting a character.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 
@@ -164,4 +261,42 @@ pub struct StoreEvent {
     pub kind: EventKind,
     /// The record after the change (before it, for deletes).
     pub record: StoredSandbox,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timelines_are_cut_to_their_bounds_on_character_boundaries() {
+        let t = StartTimeline {
+            note: "é".repeat(StartTimeline::MAX_NOTE),
+            stages: (0..40)
+                .map(|i| StartStage {
+                    name: format!("{i}{}", "x".repeat(100)),
+                    start_us: i,
+                    duration_us: 1,
+                })
+                .collect(),
+            ..StartTimeline::default()
+        }
+        .bounded();
+        assert_eq!(t.stages.len(), StartTimeline::MAX_STAGES);
+        assert!(t.note.len() <= StartTimeline::MAX_NOTE && t.note.len() > 250);
+        assert!(t.note.chars().all(|c| c == 'é'));
+        assert!(
+            t.stages
+                .iter()
+                .all(|s| s.name.len() == StartTimeline::MAX_NAME)
+        );
+        assert_eq!(t.stages[31].start_us, 31, "the first stages are kept");
+    }
+
+    #[test]
+    fn paths_round_trip_and_unknown_ones_read_cold() {
+        for p in [StartPath::Cold, StartPath::Warm] {
+            assert_eq!(StartPath::parse(p.as_str()), p);
+        }
+        assert_eq!(StartPath::parse(""), StartPath::Cold);
+    }
 }

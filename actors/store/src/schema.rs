@@ -36,6 +36,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX sandboxes_pool ON sandboxes (pool);
     CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 0), last INTEGER NOT NULL);
     INSERT INTO revision (id, last) VALUES (0, 0);",
+    // 2: the create's start timeline (JSON); NULL for rows written before.
+    "ALTER TABLE sandboxes ADD COLUMN timeline_json TEXT;",
 ];
 
 /// The version this binary writes.

@@ -307,23 +307,29 @@ impl Inner {
 
 const COLUMNS: &str = "namespace, name, uid, sandbox_id, request_id, spec_digest, pool, \
     spec_json, labels_json, phase, agent, node, exit_code, expire_time_ms, reset_revision, \
-    accepted_reset_revision, created_ms, resource_version";
+    accepted_reset_revision, created_ms, resource_version, timeline_json";
 
 const INSERT: &str = "INSERT INTO sandboxes (namespace, name, uid, sandbox_id, request_id, \
     spec_digest, pool, spec_json, labels_json, phase, agent, node, exit_code, expire_time_ms, \
-    reset_revision, accepted_reset_revision, created_ms, resource_version) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+    reset_revision, accepted_reset_revision, created_ms, resource_version, timeline_json) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
 
 const UPDATE: &str = "UPDATE sandboxes SET uid = ?3, sandbox_id = ?4, request_id = ?5, \
     spec_digest = ?6, pool = ?7, spec_json = ?8, labels_json = ?9, phase = ?10, agent = ?11, \
     node = ?12, exit_code = ?13, expire_time_ms = ?14, reset_revision = ?15, \
-    accepted_reset_revision = ?16, created_ms = ?17, resource_version = ?18 \
-    WHERE namespace = ?1 AND name = ?2";
+    accepted_reset_revision = ?16, created_ms = ?17, resource_version = ?18, \
+    timeline_json = ?19 WHERE namespace = ?1 AND name = ?2";
 
-/// Bind `record` to the 18 parameters of [`INSERT`] or [`UPDATE`].
+/// Bind `record` to the 19 parameters of [`INSERT`] or [`UPDATE`].
 fn write_row(tx: &Transaction<'_>, sql: &str, r: &StoredSandbox) -> Result<(), StoreError> {
     let spec_json = serde_json::to_string(&r.spec).map_err(StoreError::Encode)?;
     let labels_json = serde_json::to_string(&r.labels).map_err(StoreError::Encode)?;
+    let timeline_json = r
+        .timeline
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(StoreError::Encode)?;
     let version = i64::try_from(r.resource_version)
         .map_err(|_| corrupt(r, "resource_version", "over i64"))?;
     let changed = tx.execute(
@@ -347,6 +353,7 @@ fn write_row(tx: &Transaction<'_>, sql: &str, r: &StoredSandbox) -> Result<(), S
             r.accepted_reset_revision,
             r.created_ms,
             version,
+            timeline_json,
         ],
     )?;
     if changed == 1 {
@@ -464,6 +471,7 @@ struct RawRow {
     accepted_reset_revision: i64,
     created_ms: i64,
     resource_version: i64,
+    timeline_json: Option<String>,
 }
 
 impl RawRow {
@@ -487,6 +495,7 @@ impl RawRow {
             accepted_reset_revision: row.get(15)?,
             created_ms: row.get(16)?,
             resource_version: row.get(17)?,
+            timeline_json: row.get(18)?,
         })
     }
 
@@ -525,6 +534,11 @@ impl RawRow {
             expire_time_ms: self.expire_time_ms,
             reset_revision: self.reset_revision,
             accepted_reset_revision: self.accepted_reset_revision,
+            timeline: self
+                .timeline_json
+                .map(|j| serde_json::from_str(&j))
+                .transpose()
+                .map_err(|e| bad("timeline_json", e.to_string()))?,
             created_ms: self.created_ms,
             resource_version: u64::try_from(self.resource_version)
                 .map_err(|e| bad("resource_version", e.to_string()))?,

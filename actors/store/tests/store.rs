@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use common::record;
 use fsb_core::{ErrorCode, HasErrorCode, NamespaceName, PoolName, RequestId, SandboxName};
 use fsb_store::{
-    EventKind, ListFilter, Phase, SandboxStore, SqliteConfig, SqliteStore, StoreError,
+    EventKind, ListFilter, Phase, SandboxStore, SqliteConfig, SqliteStore, StartPath, StartStage,
+    StartTimeline, StoreError,
 };
 
 fn ns(s: &str) -> NamespaceName {
@@ -26,6 +27,7 @@ async fn create_then_get_by_every_key() {
     rec.exit_code = Some(3);
     rec.expire_time_ms = Some(42);
     rec.phase = Phase::Running;
+    rec.timeline = Some(timeline());
     let stored = store.create(rec.clone()).await.unwrap();
     assert!(stored.resource_version > 0);
     let expected = fsb_store::StoredSandbox {
@@ -294,6 +296,63 @@ async fn file_store_reopens_with_data_and_schema_version() {
         .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SqliteStore::schema_version());
+}
+
+fn timeline() -> StartTimeline {
+    StartTimeline {
+        path: StartPath::Warm,
+        note: "a note".into(),
+        total_us: 1_500,
+        started_unix_us: 1_700_000_000_000_000,
+        stages: vec![StartStage {
+            name: "runtime".into(),
+            start_us: 100,
+            duration_us: 1_400,
+        }],
+    }
+}
+
+#[tokio::test]
+async fn a_version_1_database_gains_the_timeline_column_and_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let old = {
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .create(record("a", "old", Some("req-1")))
+            .await
+            .unwrap()
+    };
+    // Schema 1 is schema 2 without the column: turn the file into a version 1 one.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "ALTER TABLE sandboxes DROP COLUMN timeline_json;
+         UPDATE schema_version SET version = 1;",
+    )
+    .unwrap();
+    drop(raw);
+
+    let store = SqliteStore::open(&path).unwrap();
+    let read = store.get(&old.namespace, &old.name).await.unwrap().unwrap();
+    assert_eq!(read, old, "a row written before the column reads as it was");
+    assert_eq!(read.timeline, None);
+    let updated = store
+        .update(fsb_store::StoredSandbox {
+            timeline: Some(timeline()),
+            ..read
+        })
+        .await
+        .unwrap();
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    let read = store.get(&old.namespace, &old.name).await.unwrap().unwrap();
+    assert_eq!(read, updated);
+    assert_eq!(read.timeline, Some(timeline()));
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = raw
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
 }
 
 #[tokio::test]

@@ -113,6 +113,8 @@ pub(crate) enum Command {
     Ls(LsArgs),
     /// Show one sandbox, with its startup timeline.
     Get(GetArgs),
+    /// Show live slot and warm-instance usage per pool and agent.
+    Top(TopArgs),
     /// Print a sandbox's logs.
     Logs(LogsArgs),
     /// Run a command in a running sandbox.
@@ -286,6 +288,23 @@ pub(crate) struct GetArgs {
     pub(crate) name: String,
     #[command(flatten)]
     pub(crate) ns: NamespaceArg,
+}
+
+/// `fsb top`.
+#[derive(Debug, Args)]
+pub(crate) struct TopArgs {
+    /// Only this namespace's agents [default: every namespace].
+    #[arg(short = 'n', long)]
+    pub(crate) namespace: Option<String>,
+    /// Only this pool's agents.
+    #[arg(long)]
+    pub(crate) pool: Option<String>,
+    /// Time between refreshes (500ms, 2s, 1m).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub(crate) interval: std::time::Duration,
+    /// Print one snapshot and exit (for scripts).
+    #[arg(long)]
+    pub(crate) once: bool,
 }
 
 /// `fsb logs`.
@@ -485,6 +504,15 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 5m, 1h)"))
 }
 
+/// A refresh interval: a duration of at least 100 ms (faster only loads the server).
+pub(crate) fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err(format!("{s:?}: must be at least 100ms"));
+    }
+    Ok(d)
+}
+
 /// RFC 3339 in UTC (`2030-01-02T03:04:05Z`).
 pub(crate) fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
     humantime::parse_rfc3339_weak(s)
@@ -500,6 +528,25 @@ mod tests {
     #[test]
     fn the_cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn top_refreshes_every_second_unless_told_and_refuses_tiny_intervals() {
+        let top = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Top(t)) => Ok(t),
+            Ok(_) => panic!("not top"),
+            Err(e) => Err(e),
+        };
+        let t = top(&["fsb", "top"]).unwrap();
+        assert_eq!(t.interval, std::time::Duration::from_secs(1));
+        assert!(!t.once);
+        let t = top(&["fsb", "top", "--once", "--interval", "250ms", "--pool", "p"]).unwrap();
+        assert!(t.once);
+        assert_eq!(t.interval, std::time::Duration::from_millis(250));
+        assert_eq!(t.pool.as_deref(), Some("p"));
+        for bad in ["0s", "10ms", "soon"] {
+            assert!(top(&["fsb", "top", "--interval", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -92,11 +92,12 @@ async fn client_command(
     explicit: Explicit,
     settings: &Settings,
 ) -> Result<u8, CliError> {
-    use commands::{bench, exec, image, run, sandbox};
+    use commands::{bench, exec, image, run, sandbox, top};
     match command {
         Command::Run(args) => run::run(args, explicit, settings).await,
         Command::Ls(args) => sandbox::ls(args, settings).await,
         Command::Get(args) => sandbox::get(args, settings).await,
+        Command::Top(args) => top::top(args, settings).await,
         Command::Logs(args) => sandbox::logs(args, settings).await,
         Command::Exec(args) => exec::exec(args, settings).await,
         Command::Rm(args) => sandbox::rm(args, settings).await,

@@ -157,6 +157,13 @@ pub(crate) struct TimelineDoc {
     pub(crate) path: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub(crate) note: String,
+    /// When the user process started, Unix microseconds (agent's clock); 0: unknown.
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub(crate) started_unix_us: u64,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 /// `status.timeline.stages[]`.
@@ -199,6 +206,83 @@ impl From<&fp::WarmLevel> for WarmLevelDoc {
             image: w.image.clone(),
             runtime: runtime_name(w.runtime),
             ready: w.ready,
+        }
+    }
+}
+
+/// Pool and agent usage (`fsb top -o json|yaml`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct UsageDoc {
+    pub(crate) kind: &'static str,
+    pub(crate) pools: Vec<PoolUsageDoc>,
+    pub(crate) agents: Vec<AgentUsageDoc>,
+    pub(crate) warm: Vec<WarmLevelDoc>,
+}
+
+/// `pools[]` of [`UsageDoc`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PoolUsageDoc {
+    pub(crate) namespace: String,
+    pub(crate) pool_ref: String,
+    pub(crate) agents: u32,
+    pub(crate) healthy_agents: u32,
+    pub(crate) slots_used: u32,
+    pub(crate) slots_capacity: u32,
+    pub(crate) slots_free: u32,
+    pub(crate) warm_ready: u32,
+}
+
+/// `agents[]` of [`UsageDoc`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct AgentUsageDoc {
+    pub(crate) agent_id: String,
+    pub(crate) namespace: String,
+    pub(crate) pool_ref: String,
+    pub(crate) node_name: String,
+    pub(crate) healthy: bool,
+    pub(crate) slots_used: u32,
+    pub(crate) slots_capacity: u32,
+    pub(crate) warm_ready: u32,
+    pub(crate) ports_used: u32,
+}
+
+impl From<&fp::UsageResponse> for UsageDoc {
+    fn from(u: &fp::UsageResponse) -> Self {
+        Self {
+            kind: "Usage",
+            pools: u
+                .pools
+                .iter()
+                .map(|p| PoolUsageDoc {
+                    namespace: p.namespace.clone(),
+                    pool_ref: p.pool_ref.clone(),
+                    agents: p.agents,
+                    healthy_agents: p.healthy_agents,
+                    slots_used: p.slots_used,
+                    slots_capacity: p.slots_capacity,
+                    slots_free: p.slots_free,
+                    warm_ready: p.warm_ready,
+                })
+                .collect(),
+            agents: u
+                .agents
+                .iter()
+                .map(|a| AgentUsageDoc {
+                    agent_id: a.agent_id.clone(),
+                    namespace: a.namespace.clone(),
+                    pool_ref: a.pool_ref.clone(),
+                    node_name: a.node_name.clone(),
+                    healthy: a.healthy,
+                    slots_used: a.slots_used,
+                    slots_capacity: a.slots_capacity,
+                    warm_ready: a.warm_ready,
+                    ports_used: a.ports_used,
+                })
+                .collect(),
+            warm: u.warm.iter().map(WarmLevelDoc::from).collect(),
         }
     }
 }
@@ -260,6 +344,7 @@ impl From<&fp::Timeline> for TimelineDoc {
             total_us: t.total_us,
             path: t.path.clone(),
             note: t.note.clone(),
+            started_unix_us: t.started_unix_us,
         }
     }
 }
@@ -372,6 +457,13 @@ pub(crate) fn render_doc<T: Serialize>(
     Ok(text)
 }
 
+/// `value` as one line of JSON (a stream of snapshots).
+pub(crate) fn json_line<T: Serialize>(value: &T) -> Result<String, CliError> {
+    let mut s = serde_json::to_string(value).map_err(anyhow::Error::from)?;
+    s.push('\n');
+    Ok(s)
+}
+
 /// Columns aligned on the widest cell, two spaces apart (kubectl's look).
 pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
@@ -477,6 +569,63 @@ pub(crate) fn warm_table(levels: &[fp::WarmLevel]) -> String {
         &["NAMESPACE", "POOL", "WARM_IMAGE", "RUNTIME", "READY"],
         &rows,
     )
+}
+
+/// The `fsb top` tables: pools, then agents, then warm levels if any.
+pub(crate) fn usage_tables(u: &fp::UsageResponse) -> String {
+    let pools: Vec<Vec<String>> = u
+        .pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.namespace.clone(),
+                p.pool_ref.clone(),
+                format!("{}/{}", p.healthy_agents, p.agents),
+                format!("{}/{}", p.slots_used, p.slots_capacity),
+                p.slots_free.to_string(),
+                p.warm_ready.to_string(),
+            ]
+        })
+        .collect();
+    let agents: Vec<Vec<String>> = u
+        .agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.namespace.clone(),
+                a.pool_ref.clone(),
+                a.agent_id.clone(),
+                a.node_name.clone(),
+                if a.healthy { "healthy" } else { "unhealthy" }.to_owned(),
+                format!("{}/{}", a.slots_used, a.slots_capacity),
+                a.warm_ready.to_string(),
+                a.ports_used.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["NAMESPACE", "POOL", "HEALTHY", "SLOTS", "FREE", "WARM"],
+        &pools,
+    );
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "NAMESPACE",
+            "POOL",
+            "AGENT",
+            "NODE",
+            "STATE",
+            "SLOTS",
+            "WARM",
+            "PORTS",
+        ],
+        &agents,
+    ));
+    if !u.warm.is_empty() {
+        out.push('\n');
+        out.push_str(&warm_table(&u.warm));
+    }
+    out
 }
 
 /// Stages with durations in milliseconds (for `run --timings` and `get`).
@@ -771,5 +920,78 @@ mod tests {
         assert!(d.contains("runtime"), "{d}");
         assert!(d.contains("2.500"), "{d}");
         assert!(d.contains("total 2.600 ms (cold path)"), "{d}");
+    }
+
+    #[test]
+    fn top_shows_unhealthy_agents_and_warm_levels_last() {
+        let u = fp::UsageResponse {
+            agents: vec![fp::AgentUsage {
+                agent_id: "a2".into(),
+                namespace: "ns".into(),
+                pool_ref: "p".into(),
+                node_name: "n".into(),
+                healthy: false,
+                slots_used: 1,
+                slots_capacity: 2,
+                warm_ready: 0,
+                ports_used: 0,
+            }],
+            pools: vec![fp::PoolUsage {
+                namespace: "ns".into(),
+                pool_ref: "p".into(),
+                agents: 1,
+                slots_used: 1,
+                slots_capacity: 2,
+                ..Default::default()
+            }],
+            warm: vec![fp::WarmLevel {
+                namespace: "ns".into(),
+                pool_ref: "p".into(),
+                image: "img".into(),
+                runtime: fp::Runtime::Runc as i32,
+                ready: 4,
+            }],
+        };
+        let t = usage_tables(&u);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines[1], ["ns", "p", "0/1", "1/2", "0", "0"], "{t}");
+        assert_eq!(
+            lines[4],
+            ["ns", "p", "a2", "n", "unhealthy", "1/2", "0", "0"],
+            "{t}"
+        );
+        assert_eq!(
+            lines.last().unwrap(),
+            &["ns", "p", "img", "runc", "4"],
+            "{t}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&json_line(&UsageDoc::from(&u)).unwrap()).unwrap();
+        assert_eq!(v["agents"][0]["healthy"], false);
+        assert_eq!(v["warm"][0]["runtime"], "runc");
+        assert!(
+            !json_line(&UsageDoc::from(&u))
+                .unwrap()
+                .trim_end()
+                .contains('\n')
+        );
+    }
+
+    #[test]
+    fn the_timeline_document_carries_the_note_and_process_start() {
+        let mut s = sample();
+        if let Some(t) = s.status.as_mut().and_then(|st| st.timeline.as_mut()) {
+            t.note = "cold: no warm instance".into();
+            t.started_unix_us = 1_700_000_000_000_000;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&render_doc(OutputFormat::Json, &SandboxDoc::from(&s)).unwrap())
+                .unwrap();
+        assert_eq!(v["status"]["timeline"]["note"], "cold: no warm instance");
+        assert_eq!(
+            v["status"]["timeline"]["startedUnixUs"],
+            1_700_000_000_000_000u64
+        );
+        assert!(sandbox_detail(&s).contains("(cold path); cold: no warm instance"));
     }
 }

@@ -46,6 +46,8 @@ struct State {
     watches: usize,
     /// Warm levels List returns.
     warm: Vec<fp::WarmLevel>,
+    /// Usage requests received.
+    usages: Vec<fp::UsageRequest>,
 }
 
 #[derive(Clone, Default)]
@@ -331,6 +333,41 @@ impl FastPath for FakeFastPath {
         Ok(Response::new(Box::pin(tokio_stream::iter(
             chunks.into_iter().map(Ok),
         ))))
+    }
+
+    async fn usage(
+        &self,
+        req: Request<fp::UsageRequest>,
+    ) -> Result<Response<fp::UsageResponse>, Status> {
+        let req = req.into_inner();
+        if req.pool_ref.contains('/') {
+            return Err(Status::invalid_argument("pool_ref: not a pool name"));
+        }
+        self.state.lock().unwrap().usages.push(req);
+        Ok(Response::new(fp::UsageResponse {
+            agents: vec![fp::AgentUsage {
+                agent_id: "agent-1".into(),
+                namespace: "default".into(),
+                pool_ref: "default".into(),
+                node_name: "node-a".into(),
+                healthy: true,
+                slots_used: 3,
+                slots_capacity: 8,
+                warm_ready: 2,
+                ports_used: 1,
+            }],
+            pools: vec![fp::PoolUsage {
+                namespace: "default".into(),
+                pool_ref: "default".into(),
+                agents: 1,
+                healthy_agents: 1,
+                slots_used: 3,
+                slots_capacity: 8,
+                slots_free: 5,
+                warm_ready: 2,
+            }],
+            warm: Vec::new(),
+        }))
     }
 }
 
@@ -1073,4 +1110,65 @@ fn the_request_id_flag_is_the_idempotency_key() {
         f.state.lock().unwrap().creates.last().unwrap().request_id,
         "req-1"
     );
+}
+
+#[test]
+fn top_once_prints_pools_and_agents_as_tables_and_json() {
+    let f = Fixture::start();
+    let out = f.fsb(&["top", "--once"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["NAMESPACE", "POOL", "HEALTHY", "SLOTS", "FREE", "WARM"],
+            vec!["default", "default", "1/1", "3/8", "5", "2"],
+            vec![
+                "NAMESPACE",
+                "POOL",
+                "AGENT",
+                "NODE",
+                "STATE",
+                "SLOTS",
+                "WARM",
+                "PORTS"
+            ],
+            vec![
+                "default", "default", "agent-1", "node-a", "healthy", "3/8", "2", "1"
+            ],
+        ],
+        "{text}"
+    );
+    {
+        let st = f.state.lock().unwrap();
+        let req = st.usages.last().unwrap();
+        assert_eq!(req.namespace, "", "every namespace unless -n");
+        assert_eq!(req.pool_ref, "");
+    }
+
+    let out = f.fsb(&["top", "--once", "-o", "json", "-n", "team", "--pool", "p1"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["kind"], "Usage");
+    assert_eq!(v["agents"][0]["agentId"], "agent-1");
+    assert_eq!(v["agents"][0]["slotsUsed"], 3);
+    assert_eq!(v["agents"][0]["healthy"], true);
+    assert_eq!(v["pools"][0]["slotsFree"], 5);
+    {
+        let st = f.state.lock().unwrap();
+        let req = st.usages.last().unwrap();
+        assert_eq!(
+            (req.namespace.as_str(), req.pool_ref.as_str()),
+            ("team", "p1")
+        );
+    }
+
+    let out = f.fsb(&["top", "--once", "--pool", "a/b"]);
+    assert_eq!(code(&out), 2, "InvalidArgument is a usage error");
+    assert!(stderr(&out).contains("pool_ref"), "{}", stderr(&out));
 }

@@ -32,6 +32,7 @@ pub fn record(ns: &str, name: &str, request_id: Option<&str>) -> StoredSandbox {
         expire_time_ms: None,
         reset_revision: 0,
         accepted_reset_revision: 0,
+        timeline: None,
         created_ms: 1_700_000_000_000,
         resource_version: 0,
     }

@@ -5,6 +5,7 @@ pub(crate) mod exec;
 pub(crate) mod image;
 pub(crate) mod run;
 pub(crate) mod sandbox;
+pub(crate) mod top;
 pub(crate) mod up;
 
 use clap::CommandFactory;
