@@ -4,6 +4,7 @@
 //!   and `Images` (Pull, Load, List).
 //! - [`agent::v1`]: controller <-> agent (Session, the agent's connect stream; CreateSandbox, DeleteSandbox,
 //!   Exec, Logs, Stats).
+//! - [`codec`]: prost's codec, with malformed messages reported as InvalidArgument.
 //! - [`standard_services`]: gRPC health and reflection, served by every server we run.
 
 #![allow(
@@ -12,6 +13,8 @@
     clippy::doc_markdown,
     clippy::large_enum_variant
 )]
+
+pub mod codec;
 
 /// Public API.
 pub mod fastpath {

@@ -21,7 +21,8 @@ use containerd_client::services::v1::snapshots::{
 use fsb_agent::{AgentHandle, runtime::ObservedSandbox};
 use fsb_core::{AgentId, NodeName, PoolName, spec::SpecLimits};
 use fsb_gateway::{
-    FastPathService, Gateway, GatewayConfig, LocalAgent, ReconcileReport, TokenCheck,
+    FastPathService, Gateway, GatewayConfig, LocalAgent, RateLimit, RateLimitConfig,
+    ReconcileReport, TokenCheck,
 };
 use fsb_proto::fastpath::v1::fast_path_client::FastPathClient;
 use fsb_registry::{AgentInfo, AgentReport, RegistryHandle, ReportedSandbox};
@@ -251,7 +252,11 @@ impl<S: SandboxStore> GatewayFixture<S> {
         gateway.spawn_sweeper();
         let listener = parts.listener.take().context("already served")?;
         let addr = listener.local_addr()?;
-        let service = FastPathService::server(gateway.clone(), TokenCheck::new(Some(TOKEN.into())));
+        let service = FastPathService::server(
+            gateway.clone(),
+            TokenCheck::new(Some(TOKEN.into())),
+            RateLimit::new(RateLimitConfig::DEFAULT),
+        );
         tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             if let Err(e) = tonic::transport::Server::builder()

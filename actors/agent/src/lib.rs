@@ -9,7 +9,8 @@
 //! - `AgentActor` ([`AgentHandle`]): admission and the sandbox table ([`state`]), one
 //!   `SandboxActor` per sandbox (operations on a sandbox run in mailbox order), phase
 //!   changes broadcast upward; rebuilt from containerd at start and on reconnect.
-//! - [`server`]: `agent.v1.Agent` over the handle; [`stats`]: cgroup usage counters.
+//! - [`server`]: `agent.v1.Agent` over the handle; [`request`]: its requests checked
+//!   (ids, spec, exec, grace) before they reach an actor; [`stats`]: cgroup usage counters.
 //! - [`session`]: [`session::spawn_session`], the agent's side of
 //!   `AgentControl/Session`: register, full inventories, heartbeats with jitter, phase
 //!   events, reconnect with capped backoff.
@@ -50,6 +51,7 @@ pub mod inject;
 pub mod logs;
 mod msg;
 pub mod oci;
+pub mod request;
 pub mod runtime;
 mod sandbox;
 pub mod seccomp;

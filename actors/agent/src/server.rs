@@ -13,7 +13,8 @@ use fsb_proto::{
     agent::v1::{
         CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
         ExecRequest, ListContainersRequest, ListContainersResponse, LogsRequest, SandboxStats,
-        StatsRequest, StatsResponse, agent_server::Agent,
+        StatsRequest, StatsResponse,
+        agent_server::{Agent, AgentServer},
     },
     fastpath::v1::{self as fp, ExecResponse, LogChunk},
 };
@@ -21,10 +22,16 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{AgentHandle, CreateSandbox, SandboxPhase, exec, logs};
+use crate::{AgentHandle, SandboxPhase, exec, logs};
 
 /// A boxed stream of gRPC results.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Largest request decoded: specs are bounded far below it by [`SpecLimits`], exec
+/// stdin arrives in small chunks. Larger messages are refused before decoding.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest response sent: what the controller's agent client accepts.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 /// `agent.v1.Agent` over an [`AgentHandle`].
 #[derive(Clone, Debug)]
@@ -37,6 +44,13 @@ impl AgentService {
     /// Serve `agent`; `limits` carries the agent's own port (never given to sandboxes).
     pub fn new(agent: AgentHandle, limits: SpecLimits) -> Self {
         Self { agent, limits }
+    }
+
+    /// The tonic server with explicit message bounds.
+    pub fn server(self) -> AgentServer<Self> {
+        AgentServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
     }
 
     /// Exec over any request stream: the gRPC method's, or the gateway's in-process
@@ -59,29 +73,10 @@ impl AgentService {
                 ));
             }
         };
-        let id =
-            SandboxId::parse("start.sandbox_id", &start.sandbox_id).map_err(|e| to_status(&e))?;
-        if start.command.is_empty() {
-            return Err(Status::invalid_argument("start.command: must not be empty"));
-        }
-        let session = exec::exec(
-            self.agent.runtime(),
-            &id,
-            exec::ExecRequest {
-                args: start.command,
-                env: start
-                    .envs
-                    .into_iter()
-                    .map(|e| format!("{}={}", e.name, e.value))
-                    .collect(),
-                cwd: (!start.working_dir.is_empty()).then_some(start.working_dir),
-                tty: start.tty,
-                stdin: start.stdin,
-                timeout: None,
-            },
-        )
-        .await
-        .map_err(|e| to_status(&e))?;
+        let (id, request) = crate::request::exec_start(start, &self.limits)?;
+        let session = exec::exec(self.agent.runtime(), &id, request)
+            .await
+            .map_err(|e| to_status(&e))?;
         let exec::ExecSession {
             mut stdin,
             output,
@@ -133,7 +128,7 @@ impl AgentService {
 
     /// Logs of one sandbox: for the gRPC method and the gateway's in-process proxy.
     pub async fn logs_stream(&self, req: LogsRequest) -> Result<BoxStream<LogChunk>, Status> {
-        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
+        let id = crate::request::logs(&req)?;
         // Subscribe before looking, so an exit between the two is not missed.
         let mut changes = self.agent.subscribe().await.map_err(|e| to_status(&e))?;
         let inventory = self.agent.inventory().await.map_err(|e| to_status(&e))?;
@@ -190,24 +185,10 @@ impl AgentService {
         &self,
         req: CreateSandboxRequest,
     ) -> Result<Response<CreateSandboxResponse>, Status> {
-        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
-        let runtime = req.runtime();
-        let Some(spec) = req.spec else {
-            return Err(Status::invalid_argument("spec: required"));
-        };
-        let spec = core_spec(&req.namespace, &req.name, spec, runtime)
-            .validate(&self.limits)
-            .map_err(|e| to_status(&e))?;
+        let create = crate::request::create(req, &self.limits)?;
         let created = self
             .agent
-            .create(CreateSandbox {
-                id,
-                namespace: req.namespace,
-                name: req.name,
-                claim_uid: req.claim_uid,
-                request_id: req.request_id,
-                spec,
-            })
+            .create(create)
             .await
             .map_err(|e| to_status(&e))?;
         let mut stages = Vec::with_capacity(created.stages.len());
@@ -336,11 +317,7 @@ impl Agent for AgentService {
         &self,
         request: Request<DeleteSandboxRequest>,
     ) -> Result<Response<DeleteSandboxResponse>, Status> {
-        let req = request.into_inner();
-        let id = SandboxId::parse("sandbox_id", &req.sandbox_id).map_err(|e| to_status(&e))?;
-        let grace = req
-            .grace_period_seconds
-            .map(|s| Duration::from_secs(u64::from(s)));
+        let (id, grace) = crate::request::delete(&request.into_inner(), &self.limits)?;
         match self.agent.delete(id, grace).await {
             Ok(()) => Ok(Response::new(DeleteSandboxResponse { existed: true })),
             Err(e) if e.is_not_found() => {
@@ -386,11 +363,7 @@ impl Agent for AgentService {
         &self,
         request: Request<StatsRequest>,
     ) -> Result<Response<StatsResponse>, Status> {
-        let wanted = request.into_inner().sandbox_ids;
-        let mut ids = Vec::with_capacity(wanted.len());
-        for (i, s) in wanted.iter().enumerate() {
-            ids.push(SandboxId::parse(&format!("sandbox_ids[{i}]"), s).map_err(|e| to_status(&e))?);
-        }
+        let ids = crate::request::stats(&request.into_inner())?;
         let inventory = self.agent.inventory().await.map_err(|e| to_status(&e))?;
         let mut out = Vec::new();
         for rec in inventory

@@ -68,6 +68,8 @@ pub struct ControllerConfig {
     pub gateway: GatewayConfig,
     /// Where Prometheus metrics are served (`GET /metrics`); None: not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Per-client rate limit of the fast path (a client is a remote host).
+    pub rate_limit: fsb_gateway::RateLimitConfig,
 }
 
 impl Default for ControllerConfig {
@@ -88,6 +90,7 @@ impl Default for ControllerConfig {
             pool_resync: Duration::from_secs(2),
             lease: None,
             gateway: GatewayConfig::default(),
+            rate_limit: fsb_gateway::RateLimitConfig::DEFAULT,
             metrics_listen: None,
         }
     }
@@ -305,6 +308,7 @@ pub async fn run(
             .add_service(FastPathService::server(
                 gateway.clone(),
                 TokenCheck::new(config.token.clone()),
+                fsb_gateway::RateLimit::new(config.rate_limit),
             ))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(fast_listener).with_nodelay(Some(true)),

@@ -233,6 +233,9 @@ pub struct SpecLimits {
     pub max_labels: usize,
     /// Largest pids limit accepted.
     pub max_pids: u32,
+    /// Longest delete grace period accepted: a larger one would hold the sandbox (and
+    /// its name) in Terminating for as long as its process ignores SIGTERM.
+    pub max_grace_seconds: u32,
 }
 
 impl Default for SpecLimits {
@@ -246,6 +249,7 @@ impl Default for SpecLimits {
             max_ports: 64,
             max_labels: 64,
             max_pids: 1 << 22,
+            max_grace_seconds: 600,
         }
     }
 }
@@ -342,52 +346,15 @@ impl SandboxSpec {
         let pool = PoolName::parse("spec.poolRef", &self.pool_ref)?;
         let image = ImageRef::parse("spec.image", &self.image)?;
 
-        if self.command.len() + self.args.len() > limits.max_argv {
-            return Err(SpecError::new(
-                "spec.args",
-                format!(
-                    "command and args have more than {} entries",
-                    limits.max_argv
-                ),
-            ));
-        }
-        let mut argv_bytes = 0;
-        for (field, list) in [("spec.command", &self.command), ("spec.args", &self.args)] {
-            for (i, a) in list.iter().enumerate() {
-                if a.contains('\0') {
-                    return Err(SpecError::new(
-                        format!("{field}[{i}]"),
-                        "must not contain NUL bytes",
-                    ));
-                }
-                argv_bytes += a.len();
-            }
-        }
-        if argv_bytes > limits.max_argv_bytes {
-            return Err(SpecError::new(
-                "spec.args",
-                format!("command and args exceed {} bytes", limits.max_argv_bytes),
-            ));
-        }
+        validate_argv(
+            &[("spec.command", &self.command), ("spec.args", &self.args)],
+            "spec.args",
+            limits,
+        )?;
 
-        let envs = validate_envs(&self.envs, limits)?;
+        let envs = validate_envs("spec.envs", &self.envs, limits)?;
 
-        let working_dir = match self.working_dir.as_str() {
-            "" => None,
-            d if !d.starts_with('/') => {
-                return Err(SpecError::new(
-                    "spec.workingDir",
-                    format!("{d:?} must be an absolute path"),
-                ));
-            }
-            d if d.contains('\0') || d.len() > 4096 => {
-                return Err(SpecError::new(
-                    "spec.workingDir",
-                    "must be at most 4096 bytes without NUL",
-                ));
-            }
-            d => Some(d.to_owned()),
-        };
+        let working_dir = validate_working_dir("spec.workingDir", &self.working_dir)?;
 
         let ports = validate_ports(&self.exposed_ports, limits)?;
 
@@ -441,10 +408,89 @@ impl SandboxSpec {
     }
 }
 
-fn validate_envs(envs: &[EnvVar], limits: &SpecLimits) -> Result<Vec<(String, String)>, SpecError> {
+/// Command and args of a spec, or an exec's command: count and bytes bounded, no NUL.
+fn validate_argv(
+    lists: &[(&str, &[String])],
+    count_field: &str,
+    limits: &SpecLimits,
+) -> Result<(), SpecError> {
+    let count: usize = lists.iter().map(|(_, l)| l.len()).sum();
+    if count > limits.max_argv {
+        return Err(SpecError::new(
+            count_field,
+            format!(
+                "more than {} entries (command and args together)",
+                limits.max_argv
+            ),
+        ));
+    }
+    let mut argv_bytes = 0;
+    for (field, list) in lists {
+        for (i, a) in list.iter().enumerate() {
+            if a.contains('\0') {
+                return Err(SpecError::new(
+                    format!("{field}[{i}]"),
+                    "must not contain NUL bytes",
+                ));
+            }
+            argv_bytes += a.len();
+        }
+    }
+    if argv_bytes > limits.max_argv_bytes {
+        return Err(SpecError::new(
+            count_field,
+            format!(
+                "more than {} bytes (command and args together)",
+                limits.max_argv_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An absolute path without NUL, at most 4096 bytes; empty means "keep the image's".
+fn validate_working_dir(field: &str, dir: &str) -> Result<Option<String>, SpecError> {
+    match dir {
+        "" => Ok(None),
+        d if !d.starts_with('/') => Err(SpecError::new(
+            field,
+            format!("{d:?} must be an absolute path"),
+        )),
+        d if d.contains('\0') || d.len() > 4096 => Err(SpecError::new(
+            field,
+            "must be at most 4096 bytes without NUL",
+        )),
+        d => Ok(Some(d.to_owned())),
+    }
+}
+
+/// Check an exec's start message with the same bounds as a spec: a non-empty command
+/// (`start.command`), env names and sizes (`start.envs`), an absolute working
+/// directory (`start.working_dir`). The gateway and the agent both call it, so a
+/// hostile exec is refused before it reaches containerd.
+pub fn validate_exec(
+    command: &[String],
+    envs: &[EnvVar],
+    working_dir: &str,
+    limits: &SpecLimits,
+) -> Result<(), SpecError> {
+    if command.is_empty() {
+        return Err(SpecError::new("start.command", "must not be empty"));
+    }
+    validate_argv(&[("start.command", command)], "start.command", limits)?;
+    validate_envs("start.envs", envs, limits)?;
+    validate_working_dir("start.working_dir", working_dir)?;
+    Ok(())
+}
+
+fn validate_envs(
+    prefix: &str,
+    envs: &[EnvVar],
+    limits: &SpecLimits,
+) -> Result<Vec<(String, String)>, SpecError> {
     if envs.len() > limits.max_envs {
         return Err(SpecError::new(
-            "spec.envs",
+            prefix,
             format!("more than {} entries", limits.max_envs),
         ));
     }
@@ -452,7 +498,7 @@ fn validate_envs(envs: &[EnvVar], limits: &SpecLimits) -> Result<Vec<(String, St
     let mut seen = std::collections::HashMap::with_capacity(envs.len());
     let mut out = Vec::with_capacity(envs.len());
     for (i, e) in envs.iter().enumerate() {
-        let field = format!("spec.envs[{i}].name");
+        let field = format!("{prefix}[{i}].name");
         if e.name.is_empty() {
             return Err(SpecError::new(field, "must not be empty"));
         }
@@ -473,19 +519,19 @@ fn validate_envs(envs: &[EnvVar], limits: &SpecLimits) -> Result<Vec<(String, St
         if let Some(prev) = seen.insert(e.name.as_str(), i) {
             return Err(SpecError::new(
                 field,
-                format!("duplicate of spec.envs[{prev}].name ({:?})", e.name),
+                format!("duplicate of {prefix}[{prev}].name ({:?})", e.name),
             ));
         }
         if e.value.contains('\0') {
             return Err(SpecError::new(
-                format!("spec.envs[{i}].value"),
+                format!("{prefix}[{i}].value"),
                 "must not contain NUL bytes",
             ));
         }
         bytes += e.name.len() + e.value.len();
         if bytes > limits.max_env_bytes {
             return Err(SpecError::new(
-                "spec.envs",
+                prefix,
                 format!("names and values exceed {} bytes", limits.max_env_bytes),
             ));
         }
@@ -518,6 +564,21 @@ fn validate_ports(ports: &[u32], limits: &SpecLimits) -> Result<Vec<HostPort>, S
     }
     out.sort_unstable();
     Ok(out)
+}
+
+/// Check a delete's grace period against [`SpecLimits::max_grace_seconds`].
+pub fn validate_grace(
+    field: &str,
+    seconds: Option<u32>,
+    limits: &SpecLimits,
+) -> Result<(), SpecError> {
+    match seconds {
+        Some(s) if s > limits.max_grace_seconds => Err(SpecError::new(
+            field,
+            format!("{s} s is more than {} s", limits.max_grace_seconds),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Check Kubernetes label syntax and the count limit (also used by Update's label patch).
@@ -681,6 +742,52 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(status.message().starts_with(field), "{}", status.message());
         }
+    }
+
+    /// An exec start is bounded like a spec and its errors name `start.*` fields.
+    #[test]
+    fn exec_inputs_are_bounded_and_named() {
+        let ok = vec!["sh".to_string()];
+        let env = |name: &str, value: String| EnvVar {
+            name: name.into(),
+            value,
+        };
+        assert!(validate_exec(&ok, &[env("A", "1".into())], "/w", &limits()).is_ok());
+        let many: Vec<String> = vec!["x".into(); 5000];
+        let cases: Vec<(&str, Result<(), SpecError>)> = vec![
+            ("start.command", validate_exec(&[], &[], "", &limits())),
+            ("start.command", validate_exec(&many, &[], "", &limits())),
+            (
+                "start.command[1]",
+                validate_exec(&["a".into(), "b\0".into()], &[], "", &limits()),
+            ),
+            (
+                "start.envs[0].name",
+                validate_exec(&ok, &[env("A=B", String::new())], "", &limits()),
+            ),
+            (
+                "start.envs",
+                validate_exec(&ok, &[env("A", "x".repeat(1 << 20))], "", &limits()),
+            ),
+            (
+                "start.working_dir",
+                validate_exec(&ok, &[], "../../etc", &limits()),
+            ),
+        ];
+        for (field, result) in cases {
+            let err = result.expect_err(field);
+            assert_eq!(err.field(), field, "{err}");
+            assert_eq!(to_status(&err).code(), tonic::Code::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn grace_is_bounded() {
+        let l = limits();
+        assert!(validate_grace("grace_period_seconds", None, &l).is_ok());
+        assert!(validate_grace("grace_period_seconds", Some(l.max_grace_seconds), &l).is_ok());
+        let err = validate_grace("grace_period_seconds", Some(u32::MAX), &l).unwrap_err();
+        assert_eq!(err.field(), "grace_period_seconds");
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub enum GatewayError {
     /// The agent answered with an error (its code is kept).
     #[error("agent: {}", .0.message())]
     Agent(tonic::Status),
+    /// The client sent more requests than its rate limit allows; retry later.
+    #[error("{0}")]
+    RateLimited(String),
     /// Allocation failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -65,6 +68,7 @@ impl HasErrorCode for GatewayError {
             Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Self::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
             Self::Agent(s) => code_of(s.code()),
+            Self::RateLimited(_) => ErrorCode::ResourceExhausted,
             Self::Registry(e) => e.error_code(),
             Self::Store(e) => e.error_code(),
             Self::Internal(_) => ErrorCode::Internal,

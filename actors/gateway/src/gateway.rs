@@ -1062,12 +1062,20 @@ impl<S: SandboxStore> Gateway<S> {
     ) -> Result<BoxStream<fp::ExecResponse>, GatewayError> {
         use av::exec_request::Msg as Out;
         use fp::exec_request::Msg as In;
-        if start.command.is_empty() {
-            return Err(GatewayError::Invalid {
-                field: "start.command",
-                reason: "must not be empty".into(),
-            });
-        }
+        let envs: Vec<_> = start
+            .envs
+            .iter()
+            .map(|e| fsb_core::spec::EnvVar {
+                name: e.name.clone(),
+                value: e.value.clone(),
+            })
+            .collect();
+        fsb_core::spec::validate_exec(
+            &start.command,
+            &envs,
+            &start.working_dir,
+            &self.inner.config.limits,
+        )?;
         let (client, id) = self.target(&start.namespace, &start.name).await?;
         let first = av::ExecRequest {
             msg: Some(Out::Start(av::ExecStart {
@@ -1158,6 +1166,11 @@ impl<S: SandboxStore> Gateway<S> {
         grace_seconds: Option<u32>,
     ) -> Result<(), GatewayError> {
         let key = Self::key(namespace, name)?;
+        fsb_core::spec::validate_grace(
+            "grace_period_seconds",
+            grace_seconds,
+            &self.inner.config.limits,
+        )?;
         // Detached from the caller, like create: a handler future dropped while it
         // holds the name (client cancelled, deadline passed) would never release it,
         // leaving the sandbox Terminating for good (the sweeper could not take it

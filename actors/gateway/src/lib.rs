@@ -12,7 +12,8 @@
 //! - [`gateway`]: [`Gateway`], the logic (create with rollback on every failure path,
 //!   delete, update/reset, expiry sweeps, exit events, startup reconcile).
 //! - [`agents`]: [`AgentClient`], the seam to agents; [`LocalAgent`] in-process.
-//! - [`service`]: the tonic services and the bearer-token check.
+//! - [`service`]: the tonic services and the bearer-token check; [`limit`]: per-client
+//!   rate limiting in front of it.
 //! - [`convert`]: records <-> wire; [`error`]: [`GatewayError`] -> gRPC code.
 //!
 //! Invariants: a create either answers with a running sandbox that is recorded (or
@@ -26,6 +27,7 @@ pub mod convert;
 pub mod error;
 pub mod gateway;
 pub mod handle;
+pub mod limit;
 mod msg;
 pub mod service;
 pub mod state;
@@ -35,4 +37,5 @@ pub use agents::{AgentClient, LocalAgent};
 pub use error::GatewayError;
 pub use gateway::{DEFAULT_NAMESPACE, Gateway, GatewayConfig, LABEL_ADOPTED, ReconcileReport};
 pub use handle::GatewayHandle;
+pub use limit::{RateLimit, RateLimitConfig};
 pub use service::{FastPathService, LocalImages, TokenCheck};

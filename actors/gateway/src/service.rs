@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming, service::interceptor::InterceptedService};
 use tracing::Instrument;
 
-use crate::{Gateway, GatewayError};
+use crate::{Gateway, GatewayError, RateLimit};
 
 /// Largest accepted request message (the Images Load chunks are 1 MiB).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -85,14 +85,16 @@ pub struct FastPathService<S: SandboxStore> {
 }
 
 impl<S: SandboxStore> FastPathService<S> {
-    /// The tonic server, behind the token check.
+    /// The tonic server, behind the per-client rate limit and then the token check
+    /// (a flood is refused before any other work, unauthenticated or not).
     pub fn server(
         gateway: Gateway<S>,
         auth: TokenCheck,
-    ) -> InterceptedService<FastPathServer<Self>, TokenCheck> {
+        limit: RateLimit,
+    ) -> InterceptedService<InterceptedService<FastPathServer<Self>, TokenCheck>, RateLimit> {
         let server =
             FastPathServer::new(Self { gateway }).max_decoding_message_size(MAX_REQUEST_BYTES);
-        InterceptedService::new(server, auth)
+        InterceptedService::new(InterceptedService::new(server, auth), limit)
     }
 }
 
@@ -242,15 +244,17 @@ pub struct LocalImages {
 }
 
 impl LocalImages {
-    /// The tonic server, behind the token check. Uploads are staged in `staging`.
+    /// The tonic server, behind the rate limit (shared with the fast path: one budget
+    /// per client) and the token check. Uploads are staged in `staging`.
     pub fn server(
         agent: AgentHandle,
         staging: std::path::PathBuf,
         auth: TokenCheck,
-    ) -> InterceptedService<ImagesServer<Self>, TokenCheck> {
+        limit: RateLimit,
+    ) -> InterceptedService<InterceptedService<ImagesServer<Self>, TokenCheck>, RateLimit> {
         let server =
             ImagesServer::new(Self { agent, staging }).max_decoding_message_size(MAX_REQUEST_BYTES);
-        InterceptedService::new(server, auth)
+        InterceptedService::new(InterceptedService::new(server, auth), limit)
     }
 }
 

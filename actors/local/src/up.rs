@@ -76,6 +76,8 @@ pub struct UpConfig {
     pub warm: fsb_agent::warm::WarmConfig,
     /// Where `/metrics` is served; must be a loopback address (port 0: a free one).
     pub metrics_listen: SocketAddr,
+    /// Per-client rate limit of the fast path (each local connection is a client).
+    pub rate_limit: fsb_gateway::RateLimitConfig,
 }
 
 impl UpConfig {
@@ -94,6 +96,7 @@ impl UpConfig {
             agent_id: LOCAL_AGENT.to_owned(),
             warm: fsb_agent::warm::WarmConfig::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            rate_limit: fsb_gateway::RateLimitConfig::DEFAULT,
         }
     }
 }
@@ -307,15 +310,22 @@ pub async fn run(
             .await;
     }
     let auth = TokenCheck::new(Some(token));
+    // One budget per client across both services.
+    let limit = fsb_gateway::RateLimit::new(config.rate_limit);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(FastPathService::server(gateway.clone(), auth.clone()))
+        .add_service(FastPathService::server(
+            gateway.clone(),
+            auth.clone(),
+            limit.clone(),
+        ))
         .add_service(LocalImages::server(
             agent.clone(),
             dir.root().join("uploads"),
             auth,
+            limit,
         ))
         .serve_with_incoming_shutdown(
             // No Nagle: a create's answer is one small write; delaying it for an ACK

@@ -18,12 +18,7 @@ use fsb_core::{
     AgentId,
     spec::{Runtime, SpecLimits},
 };
-use fsb_proto::{
-    ServingStatus,
-    agent::v1::{Register, agent_server::AgentServer},
-    fastpath::v1 as fp,
-    standard_services,
-};
+use fsb_proto::{ServingStatus, agent::v1::Register, fastpath::v1 as fp, standard_services};
 
 /// Node agent: drives containerd to run sandboxes.
 #[derive(Debug, Parser)]
@@ -286,7 +281,7 @@ async fn run(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(AgentServer::new(AgentService::new(agent, limits)))
+        .add_service(AgentService::new(agent, limits).server())
         .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown())
         .await?;
     tracing::info!("agent stopped; sandboxes keep running");

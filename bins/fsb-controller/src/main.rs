@@ -64,6 +64,13 @@ struct Config {
     /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
     #[arg(long, env = "FSB_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Fast-path requests per second per client host, beyond which calls get
+    /// ResourceExhausted (0: no limit).
+    #[arg(long, env = "FSB_RATE_LIMIT", default_value_t = fsb_gateway::RateLimitConfig::DEFAULT.rate)]
+    rate_limit: u32,
+    /// Requests a client may send at once before the rate applies.
+    #[arg(long, env = "FSB_RATE_BURST", default_value_t = fsb_gateway::RateLimitConfig::DEFAULT.burst, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_burst: u32,
 }
 
 fn main() -> ExitCode {
@@ -152,6 +159,10 @@ fn main() -> ExitCode {
                 .map(|ip| format!("http://{ip}:{}", config.agent_listen.port()))
         }),
         metrics_listen: config.metrics_listen,
+        rate_limit: fsb_gateway::RateLimitConfig {
+            rate: config.rate_limit,
+            burst: config.rate_burst,
+        },
         ..ControllerConfig::default()
     };
     let system = actix_rt::System::with_tokio_rt(|| {

@@ -202,6 +202,13 @@ pub(crate) struct UpArgs {
         value_name = "ADDR"
     )]
     pub(crate) metrics_listen: String,
+    /// Fast-path requests per second per client connection, beyond which calls get
+    /// ResourceExhausted (0: no limit).
+    #[arg(long, env = "FSB_RATE_LIMIT", default_value_t = fsb_gateway::RateLimitConfig::DEFAULT.rate)]
+    pub(crate) rate_limit: u32,
+    /// Requests a client may send at once before the rate applies.
+    #[arg(long, env = "FSB_RATE_BURST", default_value_t = fsb_gateway::RateLimitConfig::DEFAULT.burst, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) rate_burst: u32,
 }
 
 /// `fsb run`.

@@ -37,6 +37,10 @@ pub(crate) fn up_config(args: &UpArgs, settings: &Settings) -> Result<UpConfig, 
     let mut config = UpConfig::new(settings.data_dir.clone());
     config.listen = listen;
     config.metrics_listen = metrics_listen;
+    config.rate_limit = fsb_gateway::RateLimitConfig {
+        rate: args.rate_limit,
+        burst: args.rate_burst,
+    };
     config.containerd_socket = args.containerd_socket.clone();
     if let Some(c) = args.capacity {
         config.capacity = c;
@@ -181,6 +185,28 @@ mod tests {
         assert!(c.keep_sandboxes);
         assert!(c.listen.ip().is_loopback());
         assert_eq!(c.listen.to_string(), fsb_local::DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn rate_limit_defaults_and_can_be_turned_off() {
+        let c = config(&["fsb", "--data-dir", "/d", "up"]).unwrap();
+        assert_eq!(c.rate_limit, fsb_gateway::RateLimitConfig::DEFAULT);
+        let c = config(&[
+            "fsb",
+            "--data-dir",
+            "/d",
+            "up",
+            "--rate-limit",
+            "0",
+            "--rate-burst",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(c.rate_limit.rate, 0);
+        assert_eq!(c.rate_limit.burst, 7);
+        assert!(
+            Cli::try_parse_from(["fsb", "--data-dir", "/d", "up", "--rate-burst", "0"]).is_err()
+        );
     }
 
     #[test]
