@@ -186,11 +186,7 @@ impl AgentService {
         req: CreateSandboxRequest,
     ) -> Result<Response<CreateSandboxResponse>, Status> {
         let create = crate::request::create(req, &self.limits)?;
-        let created = self
-            .agent
-            .create(create)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let created = self.agent.create(create).await.map_err(|e| to_status(&e))?;
         let mut stages = Vec::with_capacity(created.stages.len());
         let mut offset = Duration::ZERO;
         for (name, took) in &created.stages {
