@@ -382,7 +382,7 @@ impl AgentPod {
 
 /// The `fsb-controller` binary (`FSB_CONTROLLER_BIN`) as a child process of namespace
 /// `ns` on fixed loopback ports (agents dial the same address across restarts), with
-/// leader election on (Lease in `ns`). Its log (warnings and errors) goes to the
+/// leader election on (Lease in `ns`) and no fast-path authentication. Its log (warnings and errors) goes to the
 /// test's output. Killed on drop.
 #[derive(Debug)]
 pub struct ControllerProcess {
@@ -404,6 +404,9 @@ impl ControllerProcess {
             .args(["--agent-listen", &format!("127.0.0.1:{agents}")])
             .args(["--agent-url", &format!("http://127.0.0.1:{agents}")])
             .args(["--identity", identity, "--lease-namespace", ns])
+            // These tests are about crashes and leadership; RBAC on the fast path is
+            // k8s_auth's (the binary's default is `--auth kubernetes`).
+            .args(["--auth", "none"])
             .args(extra)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -425,6 +428,29 @@ impl ControllerProcess {
     }
 }
 
+/// The request of [`strong_sleeper`]: STRONG, `sleep 3600`, request id `<ns>-<name>`.
+pub fn strong_sleeper_request(
+    ns: &str,
+    name: &str,
+    pool: &str,
+    image: &str,
+) -> fsb_proto::fastpath::v1::CreateRequest {
+    use fsb_proto::fastpath::v1 as fp;
+    fp::CreateRequest {
+        request_id: format!("{ns}-{name}"),
+        namespace: ns.into(),
+        name: name.into(),
+        mode: fp::ConsistencyMode::Strong as i32,
+        spec: Some(fp::SandboxSpec {
+            image: image.into(),
+            pool_ref: pool.into(),
+            command: vec!["sleep".into(), "3600".into()],
+            ..fp::SandboxSpec::default()
+        }),
+        ..fp::CreateRequest::default()
+    }
+}
+
 /// A STRONG create of a `sleep 3600` sandbox in pool `pool` through the fast path at
 /// `url` (request id `<ns>-<name>`, so a retry replays): its sandbox id, or `None`
 /// while nothing serves there yet (no listener, or `Unavailable`) — a probe for
@@ -436,24 +462,12 @@ pub async fn strong_sleeper(
     pool: &str,
     image: &str,
 ) -> Result<Option<String>> {
-    use fsb_proto::fastpath::v1::{self as fp, fast_path_client::FastPathClient};
+    use fsb_proto::fastpath::v1::fast_path_client::FastPathClient;
     let Ok(mut c) = FastPathClient::connect(url.to_owned()).await else {
         return Ok(None);
     };
     let created = c
-        .create(fp::CreateRequest {
-            request_id: format!("{ns}-{name}"),
-            namespace: ns.into(),
-            name: name.into(),
-            mode: fp::ConsistencyMode::Strong as i32,
-            spec: Some(fp::SandboxSpec {
-                image: image.into(),
-                pool_ref: pool.into(),
-                command: vec!["sleep".into(), "3600".into()],
-                ..fp::SandboxSpec::default()
-            }),
-            ..fp::CreateRequest::default()
-        })
+        .create(strong_sleeper_request(ns, name, pool, image))
         .await;
     match created {
         Ok(resp) => Ok(Some(

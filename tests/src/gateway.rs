@@ -24,7 +24,7 @@ use fsb_gateway::{
     FastPathService, Gateway, GatewayConfig, LocalAgent, RateLimit, RateLimitConfig,
     ReconcileReport, TokenCheck,
 };
-use fsb_proto::fastpath::v1::fast_path_client::FastPathClient;
+use fsb_proto::fastpath::v1::{self as fp, fast_path_client::FastPathClient};
 use fsb_registry::{AgentInfo, AgentReport, RegistryHandle, ReportedSandbox};
 use fsb_store::{ListFilter, SandboxStore, SqliteStore};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -49,6 +49,17 @@ pub const CLEANUP_DEADLINE: Duration = Duration::from_secs(30);
 /// Adds `authorization: Bearer <token>` to every call (or nothing).
 #[derive(Clone, Debug)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Sending `token`, or no header.
+    pub fn new(token: Option<&str>) -> Result<Self> {
+        Ok(Self(
+            token
+                .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
+                .transpose()?,
+        ))
+    }
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -255,6 +266,7 @@ impl<S: SandboxStore> GatewayFixture<S> {
         let service = FastPathService::server(
             gateway.clone(),
             TokenCheck::new(Some(TOKEN.into())),
+            None,
             RateLimit::new(RateLimitConfig::DEFAULT),
         );
         tasks.push(tokio::spawn(async move {
@@ -288,10 +300,10 @@ impl<S: SandboxStore> GatewayFixture<S> {
         let channel = Channel::from_shared(format!("http://{}", self.addr))?
             .connect()
             .await?;
-        let bearer = token
-            .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
-            .transpose()?;
-        Ok(FastPathClient::with_interceptor(channel, Bearer(bearer)))
+        Ok(FastPathClient::with_interceptor(
+            channel,
+            Bearer::new(token)?,
+        ))
     }
 
     /// The agent's containers in containerd (by its `agent-uid` label).
@@ -362,4 +374,52 @@ pub struct Leftovers {
     pub allocations: usize,
     /// FAST creates answered, record not yet written.
     pub unrecorded: usize,
+}
+
+/// Run an exec to its end (each message within 30 s): stdout and exit code, or the
+/// status that refused it.
+pub async fn exec(
+    c: &mut Client,
+    start: fp::ExecStart,
+) -> std::result::Result<(String, Option<i32>), tonic::Status> {
+    use fp::exec_response::Msg;
+    use futures::StreamExt;
+    let first = fp::ExecRequest {
+        msg: Some(fp::exec_request::Msg::Start(start)),
+    };
+    let mut out = c.exec(tokio_stream::iter(vec![first])).await?.into_inner();
+    let (mut stdout, mut code) = (Vec::new(), None);
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(30), out.next())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("exec sent nothing for 30 s"))?
+    {
+        match m?.msg {
+            Some(Msg::Stdout(b)) => stdout.extend_from_slice(&b),
+            Some(Msg::ExitCode(c)) => code = Some(c),
+            Some(Msg::Stderr(_)) | None => {}
+        }
+    }
+    Ok((String::from_utf8_lossy(&stdout).into_owned(), code))
+}
+
+/// A sandbox's logs so far (not following), or the status that refused them.
+pub async fn logs(
+    c: &mut Client,
+    ns: &str,
+    name: &str,
+) -> std::result::Result<Vec<u8>, tonic::Status> {
+    use futures::StreamExt;
+    let mut stream = c
+        .logs(fp::LogsRequest {
+            namespace: ns.into(),
+            name: name.into(),
+            ..fp::LogsRequest::default()
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?.data);
+    }
+    Ok(out)
 }

@@ -16,10 +16,12 @@ use std::{collections::BTreeSet, time::Duration};
 
 use fsb_proto::fastpath::v1 as fp;
 use fsb_tests::{
-    ContainerdEnv, GatewayFixture, gateway::Client, gateway::POOL, local::LocalUp,
-    local::free_port, unique_id, wait_until,
+    ContainerdEnv, GatewayFixture,
+    gateway::{Client, POOL, exec, logs},
+    local::LocalUp,
+    local::free_port,
+    unique_id, wait_until,
 };
-use futures::StreamExt;
 use tonic::{Code, Status};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -66,43 +68,6 @@ fn start(ns: &str, name: &str, argv: &[&str]) -> fp::ExecStart {
         command: argv.iter().map(|s| s.to_string()).collect(),
         ..fp::ExecStart::default()
     }
-}
-
-/// Run an exec to its end: stdout and exit code, or the status that refused it.
-async fn exec(c: &mut Client, s: fp::ExecStart) -> Result<(String, Option<i32>), Status> {
-    use fp::exec_response::Msg;
-    let first = fp::ExecRequest {
-        msg: Some(fp::exec_request::Msg::Start(s)),
-    };
-    let mut out = c.exec(tokio_stream::iter(vec![first])).await?.into_inner();
-    let (mut stdout, mut code) = (Vec::new(), None);
-    while let Some(m) = tokio::time::timeout(DEADLINE, out.next())
-        .await
-        .expect("exec answers")
-    {
-        match m?.msg {
-            Some(Msg::Stdout(b)) => stdout.extend_from_slice(&b),
-            Some(Msg::ExitCode(c)) => code = Some(c),
-            Some(Msg::Stderr(_)) | None => {}
-        }
-    }
-    Ok((String::from_utf8_lossy(&stdout).into_owned(), code))
-}
-
-async fn logs(c: &mut Client, ns: &str, name: &str) -> Result<Vec<u8>, Status> {
-    let mut stream = c
-        .logs(fp::LogsRequest {
-            namespace: ns.into(),
-            name: name.into(),
-            ..fp::LogsRequest::default()
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        out.extend_from_slice(&chunk?.data);
-    }
-    Ok(out)
 }
 
 async fn delete(c: &mut Client, ns: &str, name: &str) -> Result<(), Status> {

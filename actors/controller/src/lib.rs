@@ -15,6 +15,7 @@ pub mod crd;
 pub mod identity;
 pub mod leader;
 pub mod pool;
+pub mod rbac;
 pub mod run;
 pub mod sandboxes;
 pub mod store;

@@ -25,6 +25,7 @@ use crate::{
     identity::PodIdentity,
     leader::{self, LeaseConfig},
     pool::{self, AgentLoad, AgentUsage, PoolConfig, PoolTrigger},
+    rbac::{AuthTtl, KubeAuthorizer},
     sandboxes::{PendingDemand, SandboxLoop, SandboxLoopConfig, scoped},
     store::KubeStore,
     supervisor::{Backoff, Restarts, supervise},
@@ -41,9 +42,8 @@ pub struct ControllerConfig {
     pub agent_port: u16,
     /// Mode of creates that name none.
     pub default_mode: fp::ConsistencyMode,
-    /// Bearer token the fast path requires (None: none; Kubernetes RBAC on the fast
-    /// path comes with TokenReview/SubjectAccessReview).
-    pub token: Option<String>,
+    /// Who may call the fast path.
+    pub auth: FastPathAuth,
     /// Longest wait for running agent pods to register before serving creates.
     pub startup_wait: Duration,
     /// A disconnected agent whose pod exists is declared lost after this long.
@@ -79,7 +79,7 @@ impl Default for ControllerConfig {
             agent_listen: SocketAddr::from(([0, 0, 0, 0], 7371)),
             agent_port: 5758,
             default_mode: fp::ConsistencyMode::Fast,
-            token: None,
+            auth: FastPathAuth::None,
             startup_wait: Duration::from_secs(15),
             agent_lost_after: Duration::from_secs(30),
             sandbox_interval: Duration::from_millis(500),
@@ -94,6 +94,19 @@ impl Default for ControllerConfig {
             metrics_listen: None,
         }
     }
+}
+
+/// How fast-path callers are authenticated and authorized.
+#[derive(Clone, Debug, Default)]
+pub enum FastPathAuth {
+    /// Everyone may do everything (tests; a proxy in front that authenticates).
+    #[default]
+    None,
+    /// One shared bearer token, all rights (as local mode).
+    Token(String),
+    /// Kubernetes: the bearer token is checked with a TokenReview and each call with a
+    /// SubjectAccessReview on `sandboxes.sandbox.fast.io`, cached as `AuthTtl` says.
+    Kubernetes(AuthTtl),
 }
 
 /// Where a running controller listens, for tests and the log.
@@ -307,7 +320,17 @@ pub async fn run(
             .add_service(reflection)
             .add_service(FastPathService::server(
                 gateway.clone(),
-                TokenCheck::new(config.token.clone()),
+                TokenCheck::new(match &config.auth {
+                    FastPathAuth::Token(t) => Some(t.clone()),
+                    _ => None,
+                }),
+                match config.auth {
+                    FastPathAuth::Kubernetes(ttl) => {
+                        Some(Arc::new(KubeAuthorizer::new(client.clone(), ttl))
+                            as Arc<dyn fsb_gateway::Authorizer>)
+                    }
+                    _ => None,
+                },
                 fsb_gateway::RateLimit::new(config.rate_limit),
             ))
             .serve_with_incoming_shutdown(

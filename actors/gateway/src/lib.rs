@@ -13,7 +13,8 @@
 //!   delete, update/reset, expiry sweeps, exit events, startup reconcile).
 //! - [`agents`]: [`AgentClient`], the seam to agents; [`LocalAgent`] in-process.
 //! - [`service`]: the tonic services and the bearer-token check; [`limit`]: per-client
-//!   rate limiting in front of it.
+//!   rate limiting in front of it; [`auth`]: each call in RBAC terms and the
+//!   [`Authorizer`] seam (Kubernetes mode: TokenReview + SubjectAccessReview).
 //! - [`convert`]: records <-> wire; [`error`]: [`GatewayError`] -> gRPC code.
 //!
 //! Invariants: a create either answers with a running sandbox that is recorded (or
@@ -23,6 +24,7 @@
 
 pub mod actor;
 pub mod agents;
+pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod gateway;
@@ -34,6 +36,7 @@ pub mod state;
 
 pub use actor::GatewayActor;
 pub use agents::{AgentClient, LocalAgent};
+pub use auth::{Access, Authorizer};
 pub use error::GatewayError;
 pub use gateway::{DEFAULT_NAMESPACE, Gateway, GatewayConfig, LABEL_ADOPTED, ReconcileReport};
 pub use handle::GatewayHandle;

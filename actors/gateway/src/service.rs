@@ -15,7 +15,10 @@ use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming, service::interceptor::InterceptedService};
 use tracing::Instrument;
 
-use crate::{Gateway, GatewayError, RateLimit};
+use crate::{
+    Gateway, GatewayError, RateLimit,
+    auth::{Access, Authorizer, bearer},
+};
 
 /// Largest accepted request message (the Images Load chunks are 1 MiB).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -82,19 +85,35 @@ pub fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
 #[derive(Debug)]
 pub struct FastPathService<S: SandboxStore> {
     gateway: Gateway<S>,
+    /// Kubernetes mode: RBAC per call; None: the token check is all (local mode).
+    authz: Option<Arc<dyn Authorizer>>,
 }
 
 impl<S: SandboxStore> FastPathService<S> {
     /// The tonic server, behind the per-client rate limit and then the token check
-    /// (a flood is refused before any other work, unauthenticated or not).
+    /// (a flood is refused before any other work, unauthenticated or not); `authz`,
+    /// when given, decides each call before the gateway sees it.
     pub fn server(
         gateway: Gateway<S>,
         auth: TokenCheck,
+        authz: Option<Arc<dyn Authorizer>>,
         limit: RateLimit,
     ) -> InterceptedService<InterceptedService<FastPathServer<Self>, TokenCheck>, RateLimit> {
-        let server =
-            FastPathServer::new(Self { gateway }).max_decoding_message_size(MAX_REQUEST_BYTES);
+        let server = FastPathServer::new(Self { gateway, authz })
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
         InterceptedService::new(InterceptedService::new(server, auth), limit)
+    }
+
+    /// Whether this call's caller may do `access` (always, without an authorizer).
+    async fn allow(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        access: Access,
+    ) -> Result<(), Status> {
+        match &self.authz {
+            None => Ok(()),
+            Some(a) => a.authorize(bearer(metadata), access).await,
+        }
     }
 }
 
@@ -109,6 +128,11 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         request: Request<fp::CreateRequest>,
     ) -> Result<Response<fp::CreateResponse>, Status> {
         let deadline = grpc_timeout(&request);
+        self.allow(
+            request.metadata(),
+            Access::create(&request.get_ref().namespace),
+        )
+        .await?;
         let span = tracing::info_span!(
             "gateway.create",
             otel.kind = "server",
@@ -135,6 +159,12 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         &self,
         request: Request<fp::DeleteRequest>,
     ) -> Result<Response<fp::DeleteResponse>, Status> {
+        let access = Access::sandbox(
+            "delete",
+            &request.get_ref().namespace,
+            &request.get_ref().name,
+        );
+        self.allow(request.metadata(), access).await?;
         let r = request.into_inner();
         self.gateway
             .delete(&r.namespace, &r.name, r.grace_period_seconds)
@@ -144,6 +174,8 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
     }
 
     async fn get(&self, request: Request<fp::GetRequest>) -> Result<Response<fp::Sandbox>, Status> {
+        let access = Access::sandbox("get", &request.get_ref().namespace, &request.get_ref().name);
+        self.allow(request.metadata(), access).await?;
         let r = request.into_inner();
         self.gateway
             .get(&r.namespace, &r.name)
@@ -156,6 +188,8 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         &self,
         request: Request<fp::ListRequest>,
     ) -> Result<Response<fp::ListResponse>, Status> {
+        let access = Access::collection("list", "sandboxes", &request.get_ref().namespace);
+        self.allow(request.metadata(), access).await?;
         let req = request.into_inner();
         let warm = self.gateway.warm_levels(&req).await.map_err(status)?;
         let sandboxes = self.gateway.list(req).await.map_err(status)?;
@@ -166,6 +200,12 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         &self,
         request: Request<fp::UpdateRequest>,
     ) -> Result<Response<fp::Sandbox>, Status> {
+        let access = Access::sandbox(
+            "update",
+            &request.get_ref().namespace,
+            &request.get_ref().name,
+        );
+        self.allow(request.metadata(), access).await?;
         self.gateway
             .update(request.into_inner())
             .await
@@ -179,6 +219,8 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         &self,
         request: Request<fp::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let access = Access::collection("watch", "sandboxes", &request.get_ref().namespace);
+        self.allow(request.metadata(), access).await?;
         self.gateway
             .watch(request.into_inner())
             .await
@@ -192,7 +234,7 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         &self,
         request: Request<Streaming<fp::ExecRequest>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        let mut input = request.into_inner();
+        let (metadata, _, mut input) = request.into_parts();
         let start = match input.message().await? {
             Some(fp::ExecRequest {
                 msg: Some(fp::exec_request::Msg::Start(start)),
@@ -203,6 +245,8 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
                 ));
             }
         };
+        self.allow(&metadata, Access::exec(&start.namespace, &start.name))
+            .await?;
         self.gateway
             .exec(start, Box::pin(input))
             .await
@@ -216,6 +260,8 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         &self,
         request: Request<fp::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let access = Access::logs(&request.get_ref().namespace, &request.get_ref().name);
+        self.allow(request.metadata(), access).await?;
         self.gateway
             .logs(request.into_inner())
             .await
@@ -227,6 +273,9 @@ impl<S: SandboxStore> FastPath for FastPathService<S> {
         &self,
         request: Request<fp::UsageRequest>,
     ) -> Result<Response<fp::UsageResponse>, Status> {
+        // Usage shows pools and their agents: list on sandboxpools.
+        let access = Access::collection("list", "sandboxpools", &request.get_ref().namespace);
+        self.allow(request.metadata(), access).await?;
         self.gateway
             .usage(request.get_ref())
             .await

@@ -319,6 +319,7 @@ pub async fn run(
         .add_service(FastPathService::server(
             gateway.clone(),
             auth.clone(),
+            None,
             limit.clone(),
         ))
         .add_service(LocalImages::server(

@@ -6,7 +6,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::Parser;
 use fsb_controller::{
     leader::LeaseConfig,
-    run::{ControllerConfig, run},
+    rbac::AuthTtl,
+    run::{ControllerConfig, FastPathAuth, run},
 };
 use fsb_proto::fastpath::v1 as fp;
 
@@ -26,9 +27,18 @@ struct Config {
     /// Consistency mode of creates that name none: fast or strong.
     #[arg(long, env = "FSB_DEFAULT_MODE", default_value = "fast", value_parser = ["fast", "strong"])]
     default_mode: String,
-    /// File holding the bearer token fast-path clients must send (none: no token).
+    /// Who may call the fast path: `kubernetes` (bearer tokens checked with
+    /// TokenReview, each call with SubjectAccessReview on sandboxes.sandbox.fast.io),
+    /// `token` (one shared token from --token-file, all rights) or `none`.
+    #[arg(long, env = "FSB_AUTH", default_value = "kubernetes", value_parser = ["kubernetes", "token", "none"])]
+    auth: String,
+    /// File holding the bearer token of `--auth token`.
     #[arg(long, env = "FSB_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Seconds an authenticated token and an allowed call are remembered (`--auth
+    /// kubernetes`; refusals: 2 s at most).
+    #[arg(long, env = "FSB_AUTH_CACHE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
+    auth_cache_seconds: u64,
     /// Longest wait for running agent pods to register before serving creates.
     #[arg(long, env = "FSB_STARTUP_WAIT_SECONDS", default_value_t = 15)]
     startup_wait_seconds: u64,
@@ -97,9 +107,9 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let token = match &config.token_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+    let auth = match (config.auth.as_str(), &config.token_file) {
+        ("token", Some(path)) => match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => FastPathAuth::Token(t.trim().to_owned()),
             Ok(_) => {
                 eprintln!("fsb-controller: --token-file {}: empty", path.display());
                 return ExitCode::from(64);
@@ -109,7 +119,23 @@ fn main() -> ExitCode {
                 return ExitCode::from(64);
             }
         },
-        None => None,
+        ("token", None) => {
+            eprintln!("fsb-controller: --auth token needs --token-file");
+            return ExitCode::from(64);
+        }
+        (_, Some(_)) => {
+            eprintln!("fsb-controller: --token-file is only used with --auth token");
+            return ExitCode::from(64);
+        }
+        ("none", None) => FastPathAuth::None,
+        _ => {
+            let allowed = Duration::from_secs(config.auth_cache_seconds);
+            FastPathAuth::Kubernetes(AuthTtl {
+                allowed,
+                denied: allowed.min(Duration::from_secs(2)),
+                ..AuthTtl::default()
+            })
+        }
     };
     let _tracing = match fsb_telemetry::trace::init("fsb-controller", Default::default()) {
         Ok(guard) => guard,
@@ -147,7 +173,7 @@ fn main() -> ExitCode {
         } else {
             fp::ConsistencyMode::Fast
         },
-        token,
+        auth,
         startup_wait: Duration::from_secs(config.startup_wait_seconds),
         agent_lost_after: Duration::from_secs(config.agent_lost_after_seconds),
         heartbeat: Duration::from_millis(config.heartbeat_ms),
