@@ -44,6 +44,9 @@ pub struct ControllerConfig {
     pub default_mode: fp::ConsistencyMode,
     /// Who may call the fast path.
     pub auth: FastPathAuth,
+    /// The fast path's TLS certificate (None: plaintext, for a mesh or a proxy that
+    /// terminates TLS in front).
+    pub fast_path_tls: Option<ServingCert>,
     /// Longest wait for running agent pods to register before serving creates.
     pub startup_wait: Duration,
     /// A disconnected agent whose pod exists is declared lost after this long.
@@ -80,6 +83,7 @@ impl Default for ControllerConfig {
             agent_port: 5758,
             default_mode: fp::ConsistencyMode::Fast,
             auth: FastPathAuth::None,
+            fast_path_tls: None,
             startup_wait: Duration::from_secs(15),
             agent_lost_after: Duration::from_secs(30),
             sandbox_interval: Duration::from_millis(500),
@@ -107,6 +111,22 @@ pub enum FastPathAuth {
     /// Kubernetes: the bearer token is checked with a TokenReview and each call with a
     /// SubjectAccessReview on `sandboxes.sandbox.fast.io`, cached as `AuthTtl` says.
     Kubernetes(AuthTtl),
+}
+
+/// A server certificate (chain first) and its private key, PEM.
+#[derive(Clone)]
+pub struct ServingCert {
+    /// The certificate chain.
+    pub cert_pem: String,
+    /// The private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("ServingCert").finish_non_exhaustive()
+    }
 }
 
 /// Where a running controller listens, for tests and the log.
@@ -314,8 +334,17 @@ pub async fn run(
     reporter
         .set_service_status("fastpath.v1.FastPath", ServingStatus::Serving)
         .await;
+    let mut fast_builder = tonic::transport::Server::builder();
+    if let Some(cert) = &config.fast_path_tls {
+        let tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&cert.cert_pem, &cert.key_pem),
+        );
+        fast_builder = fast_builder
+            .tls_config(tls)
+            .map_err(|e| ControllerError::Setup(format!("fast-path TLS: {e}")))?;
+    }
     let fast_server = tokio::spawn(
-        tonic::transport::Server::builder()
+        fast_builder
             .add_service(health)
             .add_service(reflection)
             .add_service(FastPathService::server(

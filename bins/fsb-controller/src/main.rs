@@ -7,7 +7,7 @@ use clap::Parser;
 use fsb_controller::{
     leader::LeaseConfig,
     rbac::AuthTtl,
-    run::{ControllerConfig, FastPathAuth, run},
+    run::{ControllerConfig, FastPathAuth, ServingCert, run},
 };
 use fsb_proto::fastpath::v1 as fp;
 
@@ -32,6 +32,13 @@ struct Config {
     /// `token` (one shared token from --token-file, all rights) or `none`.
     #[arg(long, env = "FSB_AUTH", default_value = "kubernetes", value_parser = ["kubernetes", "token", "none"])]
     auth: String,
+    /// The fast path's TLS certificate chain (PEM), e.g. `tls.crt` of a mounted
+    /// kubernetes.io/tls Secret; with --tls-key-file. Unset: plaintext.
+    #[arg(long, env = "FSB_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "FSB_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
     /// File holding the bearer token of `--auth token`.
     #[arg(long, env = "FSB_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -137,6 +144,23 @@ fn main() -> ExitCode {
             })
         }
     };
+    let fast_path_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let read = |flag: &str, path: &PathBuf| match std::fs::read_to_string(path) {
+                Ok(t) if t.contains("-----BEGIN ") => Ok(t),
+                Ok(_) => Err(format!("{flag} {}: no PEM data", path.display())),
+                Err(e) => Err(format!("{flag} {}: {e}", path.display())),
+            };
+            match (read("--tls-cert-file", cert), read("--tls-key-file", key)) {
+                (Ok(cert_pem), Ok(key_pem)) => Some(ServingCert { cert_pem, key_pem }),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("fsb-controller: {e}");
+                    return ExitCode::from(64);
+                }
+            }
+        }
+        _ => None,
+    };
     let _tracing = match fsb_telemetry::trace::init("fsb-controller", Default::default()) {
         Ok(guard) => guard,
         Err(e) => {
@@ -174,6 +198,7 @@ fn main() -> ExitCode {
             fp::ConsistencyMode::Fast
         },
         auth,
+        fast_path_tls,
         startup_wait: Duration::from_secs(config.startup_wait_seconds),
         agent_lost_after: Duration::from_secs(config.agent_lost_after_seconds),
         heartbeat: Duration::from_millis(config.heartbeat_ms),

@@ -50,6 +50,10 @@ pub(crate) struct GlobalArgs {
     /// Gateway URL (http://127.0.0.1:7370); overrides the data directory's endpoint file.
     #[arg(long, global = true, env = "FSB_ENDPOINT", value_name = "URL")]
     pub(crate) endpoint: Option<String>,
+    /// CA certificate (PEM) an `https://` endpoint's certificate must chain to
+    /// [default: the system's roots].
+    #[arg(long, global = true, env = "FSB_CA_FILE", value_name = "FILE")]
+    pub(crate) ca_file: Option<PathBuf>,
     /// Config file (YAML) [default: <data-dir>/config.yaml if present].
     #[arg(long, global = true, env = "FSB_CONFIG", value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,

@@ -72,12 +72,21 @@ impl Conn {
         let endpoint = endpoint(settings)?;
         let token = token(settings)?;
         let auth = BearerAuth::new(token.as_deref())?;
-        let channel = Endpoint::from_shared(endpoint.clone())
-            .map_err(|e| {
-                CliError::BadConfig(format!(
-                    "endpoint {endpoint:?} is not a URL ({e}); use http://127.0.0.1:PORT"
-                ))
-            })?
+        let mut target = Endpoint::from_shared(endpoint.clone()).map_err(|e| {
+            CliError::BadConfig(format!(
+                "endpoint {endpoint:?} is not a URL ({e}); use http://127.0.0.1:PORT"
+            ))
+        })?;
+        if endpoint.starts_with("https://") {
+            target = target
+                .tls_config(tls(settings.ca_file.as_deref())?)
+                .map_err(|e| CliError::BadConfig(format!("TLS for {endpoint}: {e}")))?;
+        } else if settings.ca_file.is_some() {
+            return Err(CliError::BadConfig(format!(
+                "--ca-file is for https:// endpoints, and {endpoint} is not one"
+            )));
+        }
+        let channel = target
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()
             .await
@@ -105,6 +114,23 @@ impl Conn {
     pub(crate) fn health(&self) -> Health {
         HealthClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
+}
+
+/// TLS of an `https://` endpoint: trust `ca_file` only, else the system's roots.
+fn tls(ca_file: Option<&std::path::Path>) -> Result<tonic::transport::ClientTlsConfig, CliError> {
+    let config = tonic::transport::ClientTlsConfig::new();
+    let Some(path) = ca_file else {
+        return Ok(config.with_native_roots());
+    };
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| CliError::BadConfig(format!("--ca-file {}: {e}", path.display())))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(CliError::BadConfig(format!(
+            "--ca-file {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(config.ca_certificate(tonic::transport::Certificate::from_pem(pem)))
 }
 
 /// The explicit endpoint, else the endpoint file; no file means `fsb up` is not running.

@@ -105,6 +105,8 @@ pub(crate) struct Settings {
     pub(crate) endpoint: Option<String>,
     /// `FSB_TOKEN`; `None` reads the token file.
     pub(crate) token: Option<String>,
+    /// Trust root of an `https://` endpoint (None: the system's).
+    pub(crate) ca_file: Option<std::path::PathBuf>,
     pub(crate) output: OutputFormat,
     pub(crate) file: FileConfig,
     pub(crate) stderr_is_tty: bool,
@@ -133,6 +135,7 @@ impl Settings {
             endpoint: pick(global.endpoint.clone(), file.endpoint.clone()),
             output: pick(global.output, file.output).unwrap_or(OutputFormat::Table),
             token: env.token.clone(),
+            ca_file: global.ca_file.clone(),
             stderr_is_tty: env.stderr_is_tty,
             data_dir,
             file,
