@@ -19,3 +19,4 @@ pub mod run;
 pub mod sandboxes;
 pub mod store;
 pub mod supervisor;
+pub mod tls;
