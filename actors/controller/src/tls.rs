@@ -295,6 +295,33 @@ mod tests {
         assert!(!other.still_good(&forged, "web.team-a.agent.fsb.internal"));
     }
 
+    fn leaf(m: &TlsMaterial) -> Option<std::sync::Arc<Vec<CertificateDer<'static>>>> {
+        Some(std::sync::Arc::new(vec![
+            CertificateDer::from_pem_slice(m.cert_pem.as_bytes()).unwrap(),
+        ]))
+    }
+
+    #[test]
+    fn the_peer_check_tells_the_controller_from_agents_and_pools_apart() {
+        use fsb_agent::tls::{CONTROLLER_NAME, agent_name, check_peer};
+        let ca = AgentCa::generate().unwrap();
+        let controller = ca.issue(CONTROLLER_NAME).unwrap();
+        let web = ca.issue(&agent_name("web", "team-a")).unwrap();
+        assert!(check_peer(leaf(&controller), CONTROLLER_NAME).is_ok());
+        assert!(check_peer(leaf(&web), &agent_name("web", "team-a")).is_ok());
+        let code = |r: Result<(), tonic::Status>| r.err().map(|s| s.code());
+        let denied = Some(tonic::Code::PermissionDenied);
+        assert_eq!(code(check_peer(leaf(&web), CONTROLLER_NAME)), denied);
+        assert_eq!(
+            code(check_peer(leaf(&web), &agent_name("web", "team-b"))),
+            denied
+        );
+        assert_eq!(
+            code(check_peer(leaf(&controller), &agent_name("web", "team-a"))),
+            denied
+        );
+    }
+
     #[test]
     fn a_ca_reloads_from_pem_and_refuses_a_foreign_key() {
         let ca = AgentCa::generate().unwrap();
