@@ -7,7 +7,9 @@
 //! Shown here: an agent's gRPC port refuses a caller without a certificate, with a
 //! certificate of another CA, or with an agent's certificate (its own pool's or
 //! another's), and answers the controller's; AgentControl refuses a registration
-//! without a certificate and one whose certificate names another pool than it claims.
+//! without a certificate, one whose certificate names another pool than it claims, and
+//! one for a genuine pod with its pool's certificate that comes from another address
+//! than the pod's.
 #![cfg(feature = "k8s")]
 
 use std::time::Duration;
@@ -304,6 +306,27 @@ async fn agent_control_accepts_only_the_pool_a_certificate_names() -> Result<()>
         &o,
         "pool a's certificate claiming pool b",
         &format!("the client certificate is not {}", agent_name("b", &s.ns)),
+    );
+    // Pool a's certificate used from somewhere that is not pod a (here: pod a reports
+    // another address than the one the test dials from): the right certificate and the
+    // right pod are not enough.
+    let a = s.agent("a")?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(s.client.clone(), &s.ns);
+    let elsewhere = serde_json::json!({"status": {
+        "podIP": "10.255.0.1", "podIPs": [{"ip": "10.255.0.1"}],
+    }});
+    pods.patch_status(
+        &a.name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&elsewhere),
+    )
+    .await?;
+    let o = register(&s, "a", Some(tls_a.client(CONTROLLER_NAME))).await?;
+    assert_denied(
+        &o,
+        "pool a's certificate for pod a from another address",
+        &format!("connection from {POD_IP}, which is not the pod's address (10.255.0.1)"),
     );
     // The genuine agent of b is still the one registered (the refused attempts changed
     // nothing), and the controller reaches it over TLS: its inventory is fresh.

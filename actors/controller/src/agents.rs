@@ -19,6 +19,7 @@
 //! from its pod and how long it has been away.
 
 use std::{
+    net::IpAddr,
     num::NonZeroU32,
     sync::{
         Arc, Mutex,
@@ -195,9 +196,10 @@ impl AgentClient for RemoteAgent {
 
 /// Who may register as an agent.
 pub trait AgentIdentity: Send + Sync + 'static {
-    /// `Ok` if `reg` is a genuine agent of its pool; `PermissionDenied` if not,
-    /// `Unavailable` if that cannot be told now (the agent retries).
-    fn check(&self, reg: &Register) -> BoxFuture<'_, Result<(), Status>>;
+    /// `Ok` if `reg`, sent from `peer` (the connection's remote address, if known), is
+    /// a genuine agent of its pool; `PermissionDenied` if not, `Unavailable` if that
+    /// cannot be told now (the agent retries).
+    fn check(&self, reg: &Register, peer: Option<IpAddr>) -> BoxFuture<'_, Result<(), Status>>;
 }
 
 /// What the controller knows of one connected (or recently connected) agent.
@@ -406,6 +408,7 @@ impl<S: SandboxStore> AgentControl for AgentControlService<S> {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.peer_certs();
+        let peer_ip = request.remote_addr().map(|a| a.ip().to_canonical());
         let mut inbound = request.into_inner();
         let reg = match tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
@@ -444,7 +447,7 @@ impl<S: SandboxStore> AgentControl for AgentControlService<S> {
             }
             None => None,
         };
-        self.identity.check(&reg).await?;
+        self.identity.check(&reg, peer_ip).await?;
         let remote = RemoteAgent::new(&reg.endpoint, agent_tls)?;
         let (tx, rx) = mpsc::channel(16);
         tx.send(Ok(ControllerMessage {
