@@ -15,7 +15,8 @@
 # shims that outlive it, and mounts under the run directory. A process that survives
 # makes the run fail.
 #
-# Environment: FSB_TEST_RUN_DIR (default /tmp/fsb-test), FSB_TEST_CACHE_DIR (default
+# Environment: FSB_K8S_TESTS (k8s suite: only these test files, e.g. "k8s_mtls"),
+# FSB_TEST_RUN_DIR (default /tmp/fsb-test), FSB_TEST_CACHE_DIR (default
 # /var/cache/fast-sandbox/test-images), CARGO_TARGET_DIR (default
 # /var/cache/fast-sandbox/target); extra arguments after the suite go to `cargo test`.
 set -euo pipefail
@@ -213,13 +214,15 @@ run_k8s() {
 
   # Every tests/tests/k8s_*.rs runs here, against this API server and a private
   # containerd (the kubelet fixture starts real fsb-agent processes on it).
-  say "k8s: building fsb-tests --features k8s and the binaries"
-  cargo test -p fsb-tests --features k8s --no-run
-  build_bins
+  # FSB_K8S_TESTS (space-separated names such as "k8s_mtls k8s_controller") narrows
+  # the suite to those files; only they are built.
   local f tests=()
-  for f in tests/tests/k8s_*.rs; do
+  for f in ${FSB_K8S_TESTS:-$(cd tests/tests && ls k8s_*.rs)}; do
     tests+=(--test "$(basename "$f" .rs)")
   done
+  say "k8s: building fsb-tests --features k8s ${tests[*]} and the binaries"
+  cargo test -p fsb-tests --features k8s "${tests[@]}" --no-run
+  build_bins
   say "k8s: cargo test -p fsb-tests --features k8s ${tests[*]}"
   local rc=0
   "$SCRIPTS/with-containerd.sh" \

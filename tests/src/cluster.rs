@@ -20,6 +20,8 @@ use kube::{
 use serde_json::json;
 
 use crate::containerd::ContainerdEnv;
+use fsb_agent::tls::TlsMaterial;
+use k8s_openapi::api::core::v1::Secret;
 
 /// A client of the test API server with the admin token (from FSB_KUBECONFIG).
 pub async fn kube_client() -> Result<Client> {
@@ -199,9 +201,9 @@ impl ControllerUnderTest {
         format!("http://{}", self.addrs.fast_path)
     }
 
-    /// The AgentControl URL agents dial.
+    /// The AgentControl URL agents dial (TLS unless the test turned it off).
     pub fn agent_url(&self) -> String {
-        format!("http://{}", self.addrs.agents)
+        format!("https://{}", self.addrs.agents)
     }
 
     /// Stop gracefully and wait.
@@ -221,6 +223,46 @@ impl Drop for ControllerUnderTest {
             t.abort();
         }
     }
+}
+
+/// The agent certificate the pool reconciler issued for pool `pool` (its Secret
+/// `<pool>-agent-tls`), once it exists.
+pub async fn pool_tls(client: &Client, ns: &str, pool: &str) -> Result<TlsMaterial> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let name = fsb_controller::pool::tls_secret_name(pool);
+    crate::wait::wait_until(
+        &format!("secret {ns}/{name}"),
+        Duration::from_secs(30),
+        || {
+            let secrets = secrets.clone();
+            let name = name.clone();
+            async move {
+                Ok(secrets
+                    .get_opt(&name)
+                    .await?
+                    .as_ref()
+                    .and_then(fsb_controller::tls::material_of))
+            }
+        },
+    )
+    .await
+}
+
+/// A certificate with the controller's identity, signed by the agent CA of namespace
+/// `ns` (Secret `fsb-agent-ca`, as an in-process controller of `ns` keeps it): what the
+/// controller presents to agents.
+pub async fn controller_tls(client: &Client, ns: &str) -> Result<TlsMaterial> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = secrets.get(fsb_controller::tls::DEFAULT_CA_SECRET).await?;
+    let text = |k: &str| {
+        fsb_controller::tls::secret_text(&secret, k)
+            .with_context(|| format!("CA secret has no {k}"))
+    };
+    let ca = fsb_controller::tls::AgentCa::from_pem(
+        &text(fsb_agent::tls::CA_FILE)?,
+        &text(fsb_controller::tls::CA_KEY)?,
+    )?;
+    Ok(ca.issue(fsb_agent::tls::CONTROLLER_NAME)?)
 }
 
 /// An agent pod: a Pod object owned by a pool (left Pending: no kubelet runs) and a

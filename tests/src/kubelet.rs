@@ -6,7 +6,10 @@
 //! spec.nodeName, status.podIP/hostIP = 127.0.0.1), gives it a network of its own in
 //! the only way a test can (`FSB_LISTEN=127.0.0.1:<free port>`,
 //! `FSB_ADVERTISE_HOST=127.0.0.1`), points it at the harness's containerd
-//! ([`ContainerdEnv`]), and runs the real agent binary (`$FSB_AGENT_BIN`). The pod's
+//! ([`ContainerdEnv`]), projects its Secret volumes (the Secret's keys as files in a
+//! per-pod directory; environment values naming the mount path are pointed there, so
+//! `FSB_TLS_DIR` finds the pool's certificate), and runs the real agent binary
+//! (`$FSB_AGENT_BIN`). The pod's
 //! status follows: Running with its IP once started, Ready once the agent's port
 //! accepts connections, Failed when the process exits. A pod marked for deletion gets
 //! SIGTERM, SIGKILL after its grace period, and is then removed (grace 0, uid
@@ -316,7 +319,7 @@ async fn sync_pod(inner: &Inner, pod: &Pod, uid: &str) -> Result<()> {
         if matches!(phase, Some("Failed" | "Succeeded")) {
             return Ok(());
         }
-        let proc = spawn_agent(inner, pod, &name, uid)?;
+        let proc = spawn_agent(inner, pod, &name, uid).await?;
         inner.procs().insert(uid.to_owned(), proc);
     }
     // Observe the process, then report what changed.
@@ -413,15 +416,75 @@ pub fn resolve_env(pod: &Pod, container: &Container) -> BTreeMap<String, String>
     env
 }
 
-fn spawn_agent(inner: &Inner, pod: &Pod, name: &str, uid: &str) -> Result<Proc> {
+/// Secret volumes mounted into the first container, projected as a kubelet does: each
+/// Secret's data written as files (mode 0400) under `<dir>/volumes/<volume>`. Returns
+/// (mount path, host directory) pairs. A missing Secret is an error (the pod waits, as
+/// a real one stays ContainerCreating).
+async fn project_secrets(
+    client: kube::Client,
+    pod: &Pod,
+    container: &Container,
+    dir: &std::path::Path,
+) -> Result<Vec<(String, PathBuf)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = pod.namespace().unwrap_or_default();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, &ns);
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let Some(secret_name) = volumes
+            .iter()
+            .find(|v| v.name == mount.name)
+            .and_then(|v| v.secret.as_ref())
+            .and_then(|s| s.secret_name.clone())
+        else {
+            continue;
+        };
+        let secret = secrets
+            .get(&secret_name)
+            .await
+            .with_context(|| format!("secret volume {}: secret {secret_name}", mount.name))?;
+        let target = dir.join("volumes").join(&mount.name);
+        std::fs::create_dir_all(&target)?;
+        for (key, value) in secret.data.iter().flatten() {
+            let file = target.join(key);
+            std::fs::write(&file, &value.0)?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400))?;
+        }
+        out.push((mount.mount_path.clone(), target));
+    }
+    Ok(out)
+}
+
+/// `value` with a leading mount path replaced by the host directory projected for it.
+pub fn rewrite_mount_path(value: &str, mounts: &[(String, PathBuf)]) -> String {
+    for (path, host) in mounts {
+        if let Some(rest) = value.strip_prefix(path.as_str())
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{}{rest}", host.display());
+        }
+    }
+    value.to_owned()
+}
+
+async fn spawn_agent(inner: &Inner, pod: &Pod, name: &str, uid: &str) -> Result<Proc> {
     let container = pod
         .spec
         .as_ref()
         .and_then(|s| s.containers.first())
         .context("pod has no container")?;
     let mut env = resolve_env(pod, container);
-    let port = free_port()?;
     let dir = inner.config.state_dir.join(uid);
+    let mounts = project_secrets(inner.pods.clone().into_client(), pod, container, &dir).await?;
+    for value in env.values_mut() {
+        *value = rewrite_mount_path(value, &mounts);
+    }
+    let port = free_port()?;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let cd = &inner.config.containerd;
@@ -616,6 +679,24 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn mount_paths_in_env_values_point_at_the_projection() {
+        let mounts = vec![("/var/run/tls".to_owned(), PathBuf::from("/tmp/p/volumes/t"))];
+        assert_eq!(
+            rewrite_mount_path("/var/run/tls", &mounts),
+            "/tmp/p/volumes/t"
+        );
+        assert_eq!(
+            rewrite_mount_path("/var/run/tls/ca.crt", &mounts),
+            "/tmp/p/volumes/t/ca.crt"
+        );
+        assert_eq!(
+            rewrite_mount_path("/var/run/tlsx", &mounts),
+            "/var/run/tlsx"
+        );
+        assert_eq!(rewrite_mount_path("x", &mounts), "x");
+    }
 
     #[test]
     fn env_resolves_literals_and_the_downward_api() {

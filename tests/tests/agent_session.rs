@@ -169,6 +169,7 @@ fn session_agent_config(env: &ContainerdEnv, agent: &str) -> AgentConfig {
 fn session_config(addr: SocketAddr, agent: &str) -> SessionConfig {
     SessionConfig {
         controller: format!("http://{addr}"),
+        tls: None,
         register: Register {
             agent_id: agent.into(),
             pool: "default".into(),

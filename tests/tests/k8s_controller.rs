@@ -13,7 +13,7 @@ use fsb_proto::{
 };
 use fsb_tests::{
     agent::container_runtime,
-    cluster::{ControllerUnderTest, install_crds, namespace, pool},
+    cluster::{ControllerUnderTest, install_crds, namespace, pool, pool_tls},
     containerd::ContainerdEnv,
     k8s::kube_client,
     kubelet::Kubelet,
@@ -473,7 +473,14 @@ async fn only_genuine_agent_pods_may_register() -> Result<()> {
     let s = Setup::new("ctl-ident", 4, 1).await?;
     let real_uid = s.wait_agents(1).await?.remove(0);
     let real_name = s.pod_of(&real_uid).expect("the agent's pod");
-    let c = AgentControlClient::connect(s.controller.agent_url()).await?;
+    // Registrations come over mutual TLS with a certificate of pool p (as a pod of p
+    // has it mounted): the API-server checks below are what stops them.
+    let tls = pool_tls(&s.client, &s.ns, "p").await?;
+    let channel = tonic::transport::Endpoint::from_shared(s.controller.agent_url())?
+        .tls_config(tls.client(fsb_agent::tls::CONTROLLER_NAME))?
+        .connect()
+        .await?;
+    let c = AgentControlClient::new(channel);
     let register = |pod_name: &str, pod_uid: &str, pool: &str| av::Register {
         agent_id: pod_uid.into(),
         pool: pool.into(),

@@ -11,6 +11,8 @@
 //!   changes broadcast upward; rebuilt from containerd at start and on reconnect.
 //! - [`server`]: `agent.v1.Agent` over the handle; [`request`]: its requests checked
 //!   (ids, spec, exec, grace) before they reach an actor; [`stats`]: cgroup usage counters.
+//! - [`tls`]: mutual TLS with the controller: identities (DNS names), the mounted
+//!   certificate files, tonic TLS settings and the peer check.
 //! - [`session`]: [`session::spawn_session`], the agent's side of
 //!   `AgentControl/Session`: register, full inventories, heartbeats with jitter, phase
 //!   events, reconnect with capped backoff.
@@ -59,6 +61,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod stats;
+pub mod tls;
 pub mod warm;
 
 pub use actor::{LABEL_PORTS, LABEL_WARM};

@@ -67,8 +67,12 @@ const OUTBOUND_BUFFER: usize = 64;
 /// Where and how the agent reports to its controller.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
-    /// The controller's AgentControl service, `http://host:port`.
+    /// The controller's AgentControl service, `http://host:port` (`https://` with
+    /// `tls`).
     pub controller: String,
+    /// Mutual TLS: our certificate, the CA, and the controller's name to verify
+    /// (None: plaintext).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// What the agent says about itself first on every stream.
     pub register: Register,
     /// Heartbeat period unless the controller's `registered` names one.
@@ -218,10 +222,13 @@ impl Session<'_> {
     async fn run(&mut self) -> Result<(), SessionError> {
         // Subscribe before the first inventory, so no change falls between the two.
         let mut changes = self.agent.subscribe().await?;
-        let endpoint = tonic::transport::Endpoint::from_shared(self.config.controller.clone())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.config.controller.clone())
             .map_err(|e| SessionError::Address(e.to_string()))?
             .connect_timeout(REGISTER_TIMEOUT)
             .tcp_nodelay(true);
+        if let Some(tls) = &self.config.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
         let channel = endpoint.connect().await?;
         let mut client = AgentControlClient::new(channel);
         let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOUND_BUFFER);

@@ -2,7 +2,9 @@
 //! over gRPC to an agent pod) and [`AgentControlService`] (the `agent.v1.AgentControl`
 //! Session server where agents register and report).
 //!
-//! Registration: the first message must be `register`; the agent is accepted only if
+//! Registration: the first message must be `register`; with mutual TLS (the default in
+//! Kubernetes mode) the client certificate must name the pool and namespace the agent
+//! claims ([`fsb_agent::tls::agent_name`]); then the agent is accepted only if
 //! [`AgentIdentity`] confirms it (in Kubernetes: its pod exists, has the UID it claims,
 //! which is also its agent id, is owned by the pool it names, with that pool's current
 //! UID, and is not terminating; the original trusted any pod with the right label).
@@ -17,6 +19,7 @@
 //! from its pod and how long it has been away.
 
 use std::{
+    net::IpAddr,
     num::NonZeroU32,
     sync::{
         Arc, Mutex,
@@ -31,6 +34,7 @@ use fsb_agent::{
     server::{BoxStream, core_runtime},
     session::phase_from_wire,
     state::PhaseChange,
+    tls::{TlsMaterial, agent_name, check_peer},
 };
 use fsb_core::{
     AgentId, HostPort, ImageRef, NamespaceName, NodeName, PoolName, SandboxId, spec::Runtime,
@@ -54,7 +58,10 @@ use fsb_store::SandboxStore;
 use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, transport::Channel};
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::{Channel, ClientTlsConfig},
+};
 
 /// Deadline of every unary call to an agent (creates included: image pulls are bounded
 /// by the agent's own deadline).
@@ -71,14 +78,26 @@ pub struct RemoteAgent {
 }
 
 impl RemoteAgent {
-    /// A lazily connecting client of `endpoint` (`http://host:port`).
-    pub fn new(endpoint: &str) -> Result<Self, Status> {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| Status::invalid_argument(format!("register.endpoint: {e}")))?
+    /// A lazily connecting client of `endpoint` (`http://host:port`). With `tls`, the
+    /// connection is TLS whatever the endpoint's scheme says, presents the controller's
+    /// certificate and accepts only the server certificate `tls` names.
+    pub fn new(endpoint: &str, tls: Option<ClientTlsConfig>) -> Result<Self, Status> {
+        let invalid = |e: tonic::transport::Error| {
+            Status::invalid_argument(format!("register.endpoint: {e}"))
+        };
+        let endpoint = match tls {
+            Some(_) => fsb_agent::tls::https(endpoint),
+            None => endpoint.to_owned(),
+        };
+        let mut builder = tonic::transport::Endpoint::from_shared(endpoint)
+            .map_err(invalid)?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
-            .timeout(AGENT_CALL_TIMEOUT)
-            .connect_lazy();
+            .timeout(AGENT_CALL_TIMEOUT);
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).map_err(invalid)?;
+        }
+        let channel = builder.connect_lazy();
         Ok(Self {
             grpc: AgentGrpc::new(channel).max_decoding_message_size(16 * 1024 * 1024),
             inventory: Arc::default(),
@@ -177,9 +196,10 @@ impl AgentClient for RemoteAgent {
 
 /// Who may register as an agent.
 pub trait AgentIdentity: Send + Sync + 'static {
-    /// `Ok` if `reg` is a genuine agent of its pool; `PermissionDenied` if not,
-    /// `Unavailable` if that cannot be told now (the agent retries).
-    fn check(&self, reg: &Register) -> BoxFuture<'_, Result<(), Status>>;
+    /// `Ok` if `reg`, sent from `peer` (the connection's remote address, if known), is
+    /// a genuine agent of its pool; `PermissionDenied` if not, `Unavailable` if that
+    /// cannot be told now (the agent retries).
+    fn check(&self, reg: &Register, peer: Option<IpAddr>) -> BoxFuture<'_, Result<(), Status>>;
 }
 
 /// What the controller knows of one connected (or recently connected) agent.
@@ -265,6 +285,7 @@ pub struct AgentControlService<S: SandboxStore> {
     identity: Arc<dyn AgentIdentity>,
     book: Arc<AgentBook>,
     heartbeat: Duration,
+    tls: Option<TlsMaterial>,
 }
 
 impl<S: SandboxStore> std::fmt::Debug for AgentControlService<S> {
@@ -275,7 +296,8 @@ impl<S: SandboxStore> std::fmt::Debug for AgentControlService<S> {
 }
 
 impl<S: SandboxStore> AgentControlService<S> {
-    /// The service; `heartbeat` is the period agents are told to use.
+    /// The service; `heartbeat` is the period agents are told to use; `tls` is the
+    /// controller's certificate when agents speak mutual TLS (see [`AgentControlService::with_tls`]).
     pub fn new(
         gateway: Gateway<S>,
         registry: RegistryHandle,
@@ -289,7 +311,17 @@ impl<S: SandboxStore> AgentControlService<S> {
             identity,
             book,
             heartbeat,
+            tls: None,
         }
+    }
+
+    /// Mutual TLS with agents (the server itself must serve `tls.server()`): a
+    /// registration is accepted only from a client certificate naming the pool and
+    /// namespace it claims, and the controller calls the agent back over TLS with its
+    /// own certificate, accepting only that pool's server certificate.
+    pub fn with_tls(mut self, tls: TlsMaterial) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// As a tonic service.
@@ -375,6 +407,8 @@ impl<S: SandboxStore> AgentControl for AgentControlService<S> {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.peer_certs();
+        let peer_ip = request.remote_addr().map(|a| a.ip().to_canonical());
         let mut inbound = request.into_inner();
         let reg = match tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
@@ -392,8 +426,29 @@ impl<S: SandboxStore> AgentControl for AgentControlService<S> {
             return Err(Status::invalid_argument("register.agent_id: required"));
         }
         info(&reg, true, Vec::new())?;
-        self.identity.check(&reg).await?;
-        let remote = RemoteAgent::new(&reg.endpoint)?;
+        let agent_tls = match &self.tls {
+            Some(tls) => {
+                // The certificate says which pool's agent this is; the API server then
+                // says whether that pod is one.
+                let name = agent_name(&reg.pool, &reg.namespace);
+                check_peer(peer, &name).map_err(|s| {
+                    Status::new(
+                        s.code(),
+                        format!(
+                            "agent {} (pod {}/{}): {}",
+                            reg.agent_id,
+                            reg.namespace,
+                            reg.pod_name,
+                            s.message()
+                        ),
+                    )
+                })?;
+                Some(tls.client(&name))
+            }
+            None => None,
+        };
+        self.identity.check(&reg, peer_ip).await?;
+        let remote = RemoteAgent::new(&reg.endpoint, agent_tls)?;
         let (tx, rx) = mpsc::channel(16);
         tx.send(Ok(ControllerMessage {
             msg: Some(Out::Registered(Registered {

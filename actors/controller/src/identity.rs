@@ -1,4 +1,10 @@
-//! [`PodIdentity`]: an agent is who it says only if the API server agrees.
+//! [`PodIdentity`]: an agent is who it says only if the API server agrees: the pod
+//! exists with the uid claimed, is not being deleted, is controlled by the pool it
+//! names (that pool's current uid), and, once the pod reports addresses, the
+//! registration comes from one of them (a pool's certificate used from elsewhere, e.g.
+//! copied out of the Secret, cannot register as one of its pods).
+
+use std::net::IpAddr;
 
 use fsb_proto::agent::v1::Register;
 use futures::future::BoxFuture;
@@ -27,12 +33,35 @@ impl PodIdentity {
     }
 }
 
+/// The addresses a pod reports (`status.podIPs`, else `status.podIP`); none while it has
+/// none yet.
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    let ips = if listed.is_empty() {
+        status.pod_ip.as_deref().into_iter().collect()
+    } else {
+        listed
+    };
+    ips.into_iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .collect()
+}
+
 fn unavailable(e: kube::Error) -> Status {
     Status::unavailable(format!("checking the agent's identity: {e}"))
 }
 
 impl AgentIdentity for PodIdentity {
-    fn check(&self, reg: &Register) -> BoxFuture<'_, Result<(), Status>> {
+    fn check(&self, reg: &Register, peer: Option<IpAddr>) -> BoxFuture<'_, Result<(), Status>> {
         let reg = reg.clone();
         Box::pin(async move {
             let deny = |why: String| {
@@ -69,6 +98,19 @@ impl AgentIdentity for PodIdentity {
             });
             if !owned {
                 return deny(format!("pod is not owned by pool {:?}", reg.pool));
+            }
+            let ips = pod_ips(&pod);
+            if let Some(peer) = peer
+                && !ips.is_empty()
+                && !ips.contains(&peer)
+            {
+                return deny(format!(
+                    "connection from {peer}, which is not the pod's address ({})",
+                    ips.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
             Ok(())
         })

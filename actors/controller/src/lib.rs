@@ -20,3 +20,4 @@ pub mod run;
 pub mod sandboxes;
 pub mod store;
 pub mod supervisor;
+pub mod tls;

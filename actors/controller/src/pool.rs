@@ -9,7 +9,15 @@
 //! rendered template (the pool's `agentTemplate` or [`pod::default_template`], plus the
 //! environment injected into the first container: identity from the downward API,
 //! `FSB_POOL`, `FSB_CAPACITY` = maxSandboxesPerPod, `FSB_DEFAULT_RUNTIME`,
-//! `FSB_CONTROLLER`, `FSB_LISTEN`). A different hash means "old template".
+//! `FSB_CONTROLLER`, `FSB_LISTEN`; with the agent CA, `FSB_TLS_DIR` and the mounted
+//! Secret [`tls_secret_name`]). A different hash means "old template".
+//!
+//! # TLS
+//! With the agent CA ([`PoolConfig::ca`]), every pass first makes sure the pool's
+//! Secret `<pool>-agent-tls` (owned by the pool) holds a certificate of the current CA
+//! naming `<pool>.<namespace>.agent.fsb.internal` that stays valid for 30 more days,
+//! and reissues it otherwise. Pods read it at start: a reissued certificate reaches a
+//! pod when the pod is replaced (no live rotation).
 //!
 //! # Sizing rule (see [`sizing::plan`])
 //! - `busy_needed = ceil((sum of used slots + pending sandboxes) / maxSandboxesPerPod)`,
@@ -53,7 +61,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
@@ -62,6 +70,7 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::Notify;
 
 use crate::crd::{SandboxPool, SandboxPoolStatus};
+use crate::tls::AgentCa;
 use fsb_core::labels::{LABEL_APP, LABEL_APP_AGENT, LABEL_POOL};
 use sizing::{Capacity, Demand, PodPhase, PodView};
 
@@ -115,6 +124,9 @@ pub struct PoolConfig {
     pub namespace: Option<String>,
     /// Period of the pass every pool gets without any event.
     pub resync: Duration,
+    /// The agent CA: each pool gets a Secret [`tls_secret_name`] with its agents'
+    /// certificate, mounted into its pods (None: agents run without TLS).
+    pub ca: Option<Arc<AgentCa>>,
 }
 
 impl PoolConfig {
@@ -126,6 +138,7 @@ impl PoolConfig {
             agent_port: DEFAULT_AGENT_PORT,
             namespace: None,
             resync: Duration::from_secs(2),
+            ca: None,
         }
     }
 }
@@ -152,6 +165,9 @@ pub enum PoolError {
     /// The controller's event stream ended.
     #[error("pool controller stopped")]
     Stopped,
+    /// The pool's TLS Secret cannot be issued or written.
+    #[error("agent TLS secret: {0}")]
+    Tls(String),
 }
 
 /// A cloneable poke: "usage changed, look at every pool now" (coalesced: many pokes
@@ -276,6 +292,16 @@ async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Pool
         }
         Err(e) => return Err(e),
     };
+    if let Some(ca) = &ctx.config.ca {
+        match ensure_tls_secret(&ctx.client, &pool, ca).await {
+            Ok(()) => {}
+            Err(e @ PoolError::Tls(_)) => {
+                report_not_ready(&pool, &pools, "TlsSecretFailed", &e.to_string()).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let views: Vec<PodView> = owned.iter().map(|p| view(p, &hash)).collect();
     let agents = ctx.usage.agents(&ns, &name);
     let pending = ctx.usage.pending(&ns, &name);
@@ -329,6 +355,76 @@ async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Pool
         w.remove(&format!("{ns}/{name}"));
     }
     Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Name of the Secret holding pool `pool`'s agent certificate (`ca.crt`, `tls.crt`,
+/// `tls.key`).
+pub fn tls_secret_name(pool: &str) -> String {
+    format!("{pool}-agent-tls")
+}
+
+/// Make sure the pool's TLS Secret exists, is owned by this pool and holds a
+/// certificate of the current CA for the pool's identity that is not about to expire;
+/// (re)issue it otherwise. A Secret of that name the pool does not own is left alone
+/// and reported.
+async fn ensure_tls_secret(
+    client: &kube::Client,
+    pool: &SandboxPool,
+    ca: &AgentCa,
+) -> Result<(), PoolError> {
+    let ns = pool
+        .namespace()
+        .ok_or(PoolError::MissingField("metadata.namespace"))?;
+    let uid = pool.uid().ok_or(PoolError::MissingField("metadata.uid"))?;
+    let name = tls_secret_name(&pool.name_any());
+    let identity = fsb_agent::tls::agent_name(&pool.name_any(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let existing = secrets.get_opt(&name).await?;
+    if let Some(s) = &existing {
+        let ours = s.owner_references().iter().any(|o| o.uid == uid);
+        if !ours {
+            return Err(PoolError::Tls(format!(
+                "secret {ns}/{name} exists and is not owned by this pool"
+            )));
+        }
+        if crate::tls::material_of(s).is_some_and(|m| ca.still_good(&m, &identity)) {
+            return Ok(());
+        }
+    }
+    let material = ca
+        .issue(&identity)
+        .map_err(|e| PoolError::Tls(e.to_string()))?;
+    let mut secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns.clone()),
+            owner_references: Some(vec![pod::owner_of(pool)?]),
+            labels: Some(std::collections::BTreeMap::from([(
+                LABEL_POOL.to_owned(),
+                pool.name_any(),
+            )])),
+            ..Default::default()
+        },
+        data: Some(crate::tls::material_data(&material)),
+        type_: Some("Opaque".to_owned()),
+        ..Default::default()
+    };
+    match existing {
+        // Replace carries the resourceVersion read: a concurrent writer makes it 409,
+        // and the pass is retried.
+        Some(s) => {
+            secret.metadata.resource_version = s.resource_version();
+            secrets
+                .replace(&name, &PostParams::default(), &secret)
+                .await?;
+            tracing::info!(secret = %format!("{ns}/{name}"), "reissued the agent certificate");
+        }
+        None => {
+            secrets.create(&PostParams::default(), &secret).await?;
+            tracing::info!(secret = %format!("{ns}/{name}"), "issued the agent certificate");
+        }
+    }
+    Ok(())
 }
 
 /// The pool's pods: its labels and controlled by this pool object (not a deleted pool
@@ -440,6 +536,23 @@ async fn cleanup(
         }
         // Pods terminate gracefully; look again shortly.
         return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    // Garbage collection would remove it too; not every API server runs one.
+    let secrets: Api<Secret> = Api::namespaced(
+        pods.clone().into_client(),
+        &pool.namespace().unwrap_or_default(),
+    );
+    let secret = tls_secret_name(&pool.name_any());
+    if let Some(s) = secrets.get_opt(&secret).await?
+        && s.owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == pool.uid().as_ref())
+    {
+        match secrets.delete(&secret, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let mut finalizers = pool.finalizers().to_vec();
     finalizers.remove(index);

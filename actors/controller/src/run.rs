@@ -29,7 +29,9 @@ use crate::{
     sandboxes::{PendingDemand, SandboxLoop, SandboxLoopConfig, scoped},
     store::KubeStore,
     supervisor::{Backoff, Restarts, supervise},
+    tls::load_or_create_ca,
 };
+use fsb_agent::tls::CONTROLLER_NAME;
 
 /// How the controller behaves.
 #[derive(Clone, Debug)]
@@ -73,6 +75,27 @@ pub struct ControllerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Per-client rate limit of the fast path (a client is a remote host).
     pub rate_limit: fsb_gateway::RateLimitConfig,
+    /// Mutual TLS between the controller and its agents (None: plaintext and
+    /// unauthenticated, which only a test that needs it should choose).
+    pub agent_tls: Option<AgentTlsConfig>,
+}
+
+/// Where the agent CA lives (see [`crate::tls`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentTlsConfig {
+    /// Name of the CA Secret (`ca.crt`, `ca.key`); created with a fresh CA if missing.
+    pub ca_secret: String,
+    /// Its namespace (None: the watched namespace, else `fast-sandbox-system`).
+    pub ca_namespace: Option<String>,
+}
+
+impl Default for AgentTlsConfig {
+    fn default() -> Self {
+        Self {
+            ca_secret: crate::tls::DEFAULT_CA_SECRET.to_owned(),
+            ca_namespace: None,
+        }
+    }
 }
 
 impl Default for ControllerConfig {
@@ -96,6 +119,7 @@ impl Default for ControllerConfig {
             gateway: GatewayConfig::default(),
             rate_limit: fsb_gateway::RateLimitConfig::DEFAULT,
             metrics_listen: None,
+            agent_tls: Some(AgentTlsConfig::default()),
         }
     }
 }
@@ -183,6 +207,34 @@ pub async fn run(
         Some(lease) => Some(leader::acquire(client.clone(), lease).await),
         None => None,
     };
+    // The CA before any listener: a replica that cannot sign cannot serve agents.
+    let ca = match &config.agent_tls {
+        Some(t) => {
+            let ns = t
+                .ca_namespace
+                .clone()
+                .or_else(|| config.namespace.clone())
+                .unwrap_or_else(|| "fast-sandbox-system".to_owned());
+            let ca = load_or_create_ca(&client, &ns, &t.ca_secret)
+                .await
+                .map_err(|e| {
+                    ControllerError::Setup(format!("agent CA {ns}/{}: {e}", t.ca_secret))
+                })?;
+            Some(Arc::new(ca))
+        }
+        None => {
+            tracing::warn!(
+                "agent TLS is off: agents and the controller talk plaintext, unauthenticated"
+            );
+            None
+        }
+    };
+    let controller_tls = match &ca {
+        Some(ca) => Some(ca.issue(CONTROLLER_NAME).map_err(|e| {
+            ControllerError::Setup(format!("issuing the controller's certificate: {e}"))
+        })?),
+        None => None,
+    };
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -231,19 +283,26 @@ pub async fn run(
     }
     let book = Arc::new(AgentBook::default());
     let identity: Arc<dyn AgentIdentity> = Arc::new(PodIdentity::new(client.clone()));
-    let agent_service = AgentControlService::new(
+    let mut agent_service = AgentControlService::new(
         gateway.clone(),
         registry.clone(),
         identity,
         book.clone(),
         config.heartbeat,
     );
+    let mut agent_server_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &controller_tls {
+        agent_service = agent_service.with_tls(tls.clone());
+        agent_server_builder = agent_server_builder
+            .tls_config(tls.server())
+            .map_err(|e| ControllerError::Setup(format!("agent control TLS: {e}")))?;
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let agent_server = tokio::spawn(
-        tonic::transport::Server::builder()
+        agent_server_builder
             .add_service(agent_service.server())
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(agent_listener)
@@ -296,15 +355,20 @@ pub async fn run(
             book: book.clone(),
             demand: demand.clone(),
         });
+        let controller_url = config
+            .agent_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", addrs.agents));
         let pool_config = PoolConfig {
             agent_image: config.agent_image.clone(),
-            controller_url: config
-                .agent_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", addrs.agents)),
+            controller_url: match &ca {
+                Some(_) => fsb_agent::tls::https(&controller_url),
+                None => controller_url,
+            },
             agent_port: config.agent_port,
             namespace: config.namespace.clone(),
             resync: config.pool_resync,
+            ca: ca.clone(),
         };
         let (pool_client, pool_trigger) = (client.clone(), trigger.clone());
         supervise("pools", &restarts, Backoff::default(), move || {

@@ -12,6 +12,7 @@ use fsb_agent::{
     oci::NetworkMode,
     server::AgentService,
     session::{SessionConfig, spawn_session},
+    tls::{CONTROLLER_NAME, RequirePeer, TlsMaterial},
     warm::{WarmConfig, WarmLimits},
 };
 use fsb_core::{
@@ -19,6 +20,7 @@ use fsb_core::{
     spec::{Runtime, SpecLimits},
 };
 use fsb_proto::{ServingStatus, agent::v1::Register, fastpath::v1 as fp, standard_services};
+use tonic::service::InterceptorLayer;
 
 /// Node agent: drives containerd to run sandboxes.
 #[derive(Debug, Parser)]
@@ -115,6 +117,11 @@ struct Config {
     /// Heartbeat period in milliseconds unless the controller names one.
     #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_ms: u64,
+    /// Directory of the pool's TLS Secret (`ca.crt`, `tls.crt`, `tls.key`): the gRPC
+    /// server then serves mutual TLS and accepts only the controller's certificate, and
+    /// the session to the controller uses TLS. Unset: plaintext, unauthenticated.
+    #[arg(long, env = "FSB_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
     #[arg(long, env = "FSB_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -165,6 +172,13 @@ fn main() -> ExitCode {
         eprintln!("fsb-agent: --controller must be an http(s)://host:port URL, got {controller:?}");
         return ExitCode::from(64);
     }
+    let tls = match config.tls_dir.as_deref().map(TlsMaterial::load).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("fsb-agent: --tls-dir {e}");
+            return ExitCode::from(64);
+        }
+    };
     let _tracing = match fsb_telemetry::trace::init("fsb-agent", Default::default()) {
         Ok(guard) => guard,
         Err(e) => {
@@ -172,7 +186,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match actix_rt::System::new().block_on(run(config, default_runtime, warm)) {
+    match actix_rt::System::new().block_on(run(config, default_runtime, warm, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fsb-agent: {e}");
@@ -209,7 +223,14 @@ async fn run(
     config: Config,
     default_runtime: Runtime,
     warm: WarmConfig,
+    tls: Option<TlsMaterial>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    if tls.is_none() {
+        tracing::warn!(
+            "no --tls-dir: the agent API is plaintext and accepts any caller (fine on a \
+             test host, not in a cluster)"
+        );
+    }
     if let Some(addr) = config.metrics_listen {
         fsb_telemetry::serve_in_background(addr).await?;
     }
@@ -223,7 +244,11 @@ async fn run(
         node_name: config.node_name.unwrap_or_else(hostname),
         pod_name: config.pod_name,
         pod_uid: config.pod_uid,
-        endpoint: advertised_endpoint(config.advertise_host.as_deref(), config.listen),
+        endpoint: advertised_endpoint(
+            config.advertise_host.as_deref(),
+            config.listen,
+            tls.is_some(),
+        ),
         agent_port: u32::from(config.listen.port()),
         capacity: config.capacity,
         // Every runtime goes through the runc shim; their binaries are not probed.
@@ -260,7 +285,12 @@ async fn run(
         spawn_session(
             agent.clone(),
             SessionConfig {
-                controller,
+                controller: if tls.is_some() {
+                    fsb_agent::tls::https(&controller)
+                } else {
+                    controller
+                },
+                tls: tls.as_ref().map(|t| t.client(CONTROLLER_NAME)),
                 register,
                 heartbeat_interval: Duration::from_millis(config.heartbeat_ms),
                 jitter: 0.2,
@@ -278,7 +308,16 @@ async fn run(
         .await;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "agent listening");
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    let peer = match &tls {
+        Some(t) => {
+            server = server.tls_config(t.server())?;
+            RequirePeer::new(CONTROLLER_NAME)
+        }
+        None => RequirePeer::nobody(),
+    };
+    server
+        .layer(InterceptorLayer::new(peer))
         .add_service(health)
         .add_service(reflection)
         .add_service(AgentService::new(agent, limits).server())
@@ -288,15 +327,16 @@ async fn run(
     Ok(())
 }
 
-/// The Register endpoint: `http://<advertise-host>:<listen port>`, or the listen
+/// The Register endpoint: `http(s)://<advertise-host>:<listen port>`, or the listen
 /// address itself. IPv6 hosts are bracketed.
-fn advertised_endpoint(advertise_host: Option<&str>, listen: SocketAddr) -> String {
+fn advertised_endpoint(advertise_host: Option<&str>, listen: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     match advertise_host.map(str::trim).filter(|h| !h.is_empty()) {
         Some(host) if host.contains(':') && !host.starts_with('[') => {
-            format!("http://[{host}]:{}", listen.port())
+            format!("{scheme}://[{host}]:{}", listen.port())
         }
-        Some(host) => format!("http://{host}:{}", listen.port()),
-        None => format!("http://{listen}"),
+        Some(host) => format!("{scheme}://{host}:{}", listen.port()),
+        None => format!("{scheme}://{listen}"),
     }
 }
 
@@ -331,14 +371,24 @@ mod tests {
     #[test]
     fn the_endpoint_names_the_advertised_host_with_the_listen_port() {
         let listen: SocketAddr = "0.0.0.0:5758".parse().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(advertised_endpoint(None, listen), "http://0.0.0.0:5758");
-        assert_eq!(advertised_endpoint(Some(""), listen), "http://0.0.0.0:5758");
         assert_eq!(
-            advertised_endpoint(Some("10.1.2.3"), listen),
+            advertised_endpoint(None, listen, false),
+            "http://0.0.0.0:5758"
+        );
+        assert_eq!(
+            advertised_endpoint(Some(""), listen, false),
+            "http://0.0.0.0:5758"
+        );
+        assert_eq!(
+            advertised_endpoint(Some("10.1.2.3"), listen, false),
             "http://10.1.2.3:5758"
         );
         assert_eq!(
-            advertised_endpoint(Some("fd00::7"), listen),
+            advertised_endpoint(Some("10.1.2.3"), listen, true),
+            "https://10.1.2.3:5758"
+        );
+        assert_eq!(
+            advertised_endpoint(Some("fd00::7"), listen, false),
             "http://[fd00::7]:5758"
         );
     }

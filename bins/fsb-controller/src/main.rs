@@ -7,7 +7,7 @@ use clap::Parser;
 use fsb_controller::{
     leader::LeaseConfig,
     rbac::AuthTtl,
-    run::{ControllerConfig, FastPathAuth, ServingCert, run},
+    run::{AgentTlsConfig, ControllerConfig, FastPathAuth, ServingCert, run},
 };
 use fsb_proto::fastpath::v1 as fp;
 
@@ -78,6 +78,17 @@ struct Config {
     /// Heartbeat period agents are told to use, milliseconds.
     #[arg(long, env = "FSB_HEARTBEAT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     heartbeat_ms: u64,
+    /// Secret holding the agent CA (`ca.crt`, `ca.key`), created with a fresh CA when
+    /// missing; create it beforehand to supply a CA of your own.
+    #[arg(long, env = "FSB_AGENT_CA_SECRET", default_value = fsb_controller::tls::DEFAULT_CA_SECRET)]
+    agent_ca_secret: String,
+    /// Namespace of that Secret (default: as the Lease's).
+    #[arg(long, env = "FSB_AGENT_CA_NAMESPACE")]
+    agent_ca_namespace: Option<String>,
+    /// Talk to agents in plaintext, unauthenticated (no mutual TLS). Only for a host
+    /// where nothing else can reach the agents.
+    #[arg(long, env = "FSB_AGENT_PLAINTEXT")]
+    agent_plaintext: bool,
     /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
     #[arg(long, env = "FSB_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -168,13 +179,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The controller's own namespace: where its Lease and the agent CA live.
+    let own_namespace = config
+        .lease_namespace
+        .clone()
+        .or_else(|| std::env::var("FSB_POD_NAMESPACE").ok())
+        .or_else(|| config.watch_namespace.clone())
+        .unwrap_or_else(|| "fast-sandbox-system".into());
+    let agent_tls = (!config.agent_plaintext).then(|| AgentTlsConfig {
+        ca_secret: config.agent_ca_secret.clone(),
+        ca_namespace: Some(
+            config
+                .agent_ca_namespace
+                .clone()
+                .unwrap_or_else(|| own_namespace.clone()),
+        ),
+    });
     let lease = (!config.no_leader_election).then(|| LeaseConfig {
-        namespace: config
-            .lease_namespace
-            .clone()
-            .or_else(|| std::env::var("FSB_POD_NAMESPACE").ok())
-            .or_else(|| config.watch_namespace.clone())
-            .unwrap_or_else(|| "fast-sandbox-system".into()),
+        namespace: own_namespace.clone(),
         name: "fsb-controller".into(),
         identity: config
             .identity
@@ -189,6 +211,7 @@ fn main() -> ExitCode {
     });
     let controller = ControllerConfig {
         lease,
+        agent_tls,
         listen: config.listen,
         agent_listen: config.agent_listen,
         agent_port: config.agent_port,

@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 
 use fsb_core::labels::{LABEL_APP, LABEL_APP_AGENT, LABEL_POOL};
-use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodTemplateSpec, SecretVolumeSource, Volume,
+    VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
@@ -23,6 +26,10 @@ pub const HOST_PATHS: [&str; 4] = [
 
 /// Name of the agent container in the default template.
 pub const AGENT_CONTAINER: &str = "agent";
+/// Volume of the pool's TLS Secret in agent pods.
+pub const TLS_VOLUME: &str = "fsb-agent-tls";
+/// Where the agent container finds it (`FSB_TLS_DIR`).
+pub const TLS_MOUNT_PATH: &str = "/var/run/fast-sandbox/tls";
 
 /// The template used when a pool names none: one privileged agent container on the
 /// host network with the host paths it needs.
@@ -52,7 +59,13 @@ pub fn default_template(config: &PoolConfig) -> Result<PodTemplateSpec, PoolErro
                 "image": config.agent_image,
                 "securityContext": {"privileged": true},
                 "ports": [{"name": "agent", "containerPort": config.agent_port}],
-                "readinessProbe": {"grpc": {"port": config.agent_port}},
+                // The kubelet's gRPC probe speaks no TLS; with TLS on, the port
+                // accepting connections is what "ready" can mean.
+                "readinessProbe": if config.ca.is_some() {
+                    serde_json::json!({"tcpSocket": {"port": config.agent_port}})
+                } else {
+                    serde_json::json!({"grpc": {"port": config.agent_port}})
+                },
                 "volumeMounts": mounts,
             }],
             "volumes": volumes,
@@ -141,7 +154,22 @@ pub fn rendered_template(
         .containers
         .first_mut()
         .ok_or(PoolError::InvalidTemplate("agentTemplate has no container"))?;
-    let injected = agent_env(pool, config);
+    let mut injected = agent_env(pool, config);
+    if config.ca.is_some() {
+        injected.push(EnvVar {
+            name: "FSB_TLS_DIR".to_owned(),
+            value: Some(TLS_MOUNT_PATH.to_owned()),
+            value_from: None,
+        });
+        let mounts = first.volume_mounts.get_or_insert_with(Vec::new);
+        mounts.retain(|m| m.name != TLS_VOLUME && m.mount_path != TLS_MOUNT_PATH);
+        mounts.push(VolumeMount {
+            name: TLS_VOLUME.to_owned(),
+            mount_path: TLS_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     let mut env: Vec<EnvVar> = first
         .env
         .take()
@@ -151,6 +179,19 @@ pub fn rendered_template(
         .collect();
     env.extend(injected);
     first.env = Some(env);
+    if config.ca.is_some() {
+        let volumes = spec.volumes.get_or_insert_with(Vec::new);
+        volumes.retain(|v| v.name != TLS_VOLUME);
+        volumes.push(Volume {
+            name: TLS_VOLUME.to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(super::tls_secret_name(&pool.name_any())),
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
     let labels = meta.labels.get_or_insert_with(BTreeMap::new);
     labels.insert(LABEL_APP.to_owned(), LABEL_APP_AGENT.to_owned());
@@ -160,6 +201,18 @@ pub fn rendered_template(
     Ok((template, hash))
 }
 
+/// The controller ownerReference naming `pool` (on its pods and its TLS Secret).
+pub fn owner_of(pool: &SandboxPool) -> Result<OwnerReference, PoolError> {
+    Ok(OwnerReference {
+        api_version: SandboxPool::api_version(&()).into_owned(),
+        kind: SandboxPool::kind(&()).into_owned(),
+        name: pool.name_any(),
+        uid: pool.uid().ok_or(PoolError::MissingField("metadata.uid"))?,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
 /// A new agent pod of `pool` from its rendered template: named `<pool>-<random>` by the
 /// API server, owned by the pool (garbage collection removes it with the pool).
 pub fn agent_pod(
@@ -167,15 +220,7 @@ pub fn agent_pod(
     template: &PodTemplateSpec,
     hash: &str,
 ) -> Result<Pod, PoolError> {
-    let uid = pool.uid().ok_or(PoolError::MissingField("metadata.uid"))?;
-    let owner = OwnerReference {
-        api_version: SandboxPool::api_version(&()).into_owned(),
-        kind: SandboxPool::kind(&()).into_owned(),
-        name: pool.name_any(),
-        uid,
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    };
+    let owner = owner_of(pool)?;
     let mut meta = template.metadata.clone().unwrap_or_default();
     meta.name = None;
     meta.generate_name = Some(format!("{}-", pool.name_any()));
@@ -332,6 +377,50 @@ mod tests {
             pod.metadata.labels.as_ref().unwrap()["app"],
             "sandbox-agent"
         );
+    }
+
+    #[test]
+    fn with_the_ca_the_pool_secret_is_mounted_and_named_to_the_agent() {
+        let mut c = config();
+        c.ca = Some(std::sync::Arc::new(
+            crate::tls::AgentCa::generate().unwrap(),
+        ));
+        let t: PodTemplateSpec = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [{"name": "x", "image": "i"}]}
+        }))
+        .unwrap();
+        for template in [None, Some(t)] {
+            let (t, _) = rendered_template(&pool(1, template), &c).unwrap();
+            let spec = t.spec.as_ref().unwrap();
+            let volume = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == TLS_VOLUME)
+                .unwrap();
+            let secret = volume.secret.as_ref().unwrap();
+            assert_eq!(secret.secret_name.as_deref(), Some("web-agent-tls"));
+            let first = &spec.containers[0];
+            let mount = first
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == TLS_VOLUME)
+                .unwrap();
+            assert_eq!(mount.mount_path, TLS_MOUNT_PATH);
+            assert_eq!(mount.read_only, Some(true));
+            let env = env_of(&t);
+            let dir = env.iter().find(|e| e.name == "FSB_TLS_DIR").unwrap();
+            assert_eq!(dir.value.as_deref(), Some(TLS_MOUNT_PATH));
+        }
+        // Without the CA, nothing of it.
+        let (t, _) = rendered_template(&pool(1, None), &config()).unwrap();
+        assert!(env_of(&t).iter().all(|e| e.name != "FSB_TLS_DIR"));
+        let probe = t.spec.as_ref().unwrap().containers[0]
+            .readiness_probe
+            .clone()
+            .unwrap();
+        assert!(probe.grpc.is_some());
     }
 
     #[test]
