@@ -488,3 +488,46 @@ async fn a_sandbox_cannot_open_packet_sockets_in_the_shared_network_namespace() 
         sbx.remove().await;
     }
 }
+
+/// Writes a file at `/` and in `/tmp` (the image's root filesystem under runc and crun)
+/// and one in `/dev/shm` (a tmpfs of the sandbox's own), printing each result.
+const WRITE_ROOTFS: &str = "echo x > /fsb-probe 2>/dev/null; echo root=$?
+echo x > /tmp/fsb-probe 2>/dev/null; echo tmp=$?
+echo x > /dev/shm/fsb-probe 2>/dev/null; echo shm=$?
+touch /fsb-probe2 2>&1 | head -1";
+
+#[actix_rt::test]
+async fn a_read_only_rootfs_refuses_writes_and_keeps_the_sandbox_running() {
+    let env = ContainerdEnv::from_env();
+    let agent = agent(&env, "agent-hardening-rofs").await;
+    for runtime in ALL {
+        // Control: the default root filesystem is writable.
+        let rw = Sandbox::start(&agent, &env, runtime, |_| {}).await;
+        let p = rw.sh(WRITE_ROOTFS).await;
+        assert_eq!(
+            (p.value("root"), p.value("tmp")),
+            ("0", "0"),
+            "{runtime:?}: {p:#?}"
+        );
+        rw.remove().await;
+
+        let ro = Sandbox::start(&agent, &env, runtime, |s| s.read_only_rootfs = true).await;
+        let p = ro.sh(WRITE_ROOTFS).await;
+        assert_ne!(p.value("root"), "0", "{runtime:?}: {p:#?}");
+        // gVisor mounts a tmpfs of its own (in the sandbox's memory) over /tmp when the
+        // spec has no /tmp mount; under runc and crun /tmp is the read-only image.
+        let tmp_writable = runtime == Runtime::Gvisor;
+        assert_eq!(p.value("tmp") == "0", tmp_writable, "{runtime:?}: {p:#?}");
+        assert_eq!(
+            p.value("shm"),
+            "0",
+            "{runtime:?}: /dev/shm stays writable: {p:#?}"
+        );
+        assert!(
+            p.stdout.contains("Read-only file system")
+                || p.stderr.contains("Read-only file system"),
+            "{runtime:?}: EROFS named: {p:#?}"
+        );
+        ro.remove().await;
+    }
+}

@@ -196,7 +196,7 @@ async fn start(
         hostname: msg.hostname,
         user,
         mounts: Vec::new(),
-        read_only_rootfs: false,
+        read_only_rootfs: msg.spec.read_only_rootfs,
     })?;
     let spec_json = serde_json::to_vec(&spec)
         .map_err(|e| AgentError::Internal(format!("encoding OCI spec: {e}")))?;

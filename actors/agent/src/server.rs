@@ -257,6 +257,7 @@ pub fn core_spec(
         failure_policy: failure_policy.to_owned(),
         recovery_timeout_seconds: spec.recovery_timeout_seconds,
         labels: Default::default(),
+        read_only_rootfs: spec.read_only_rootfs,
     }
 }
 

@@ -32,6 +32,8 @@ pub enum ColdReason {
     /// cpu, memory or pids limits under gVisor: applied to a running instance
     /// (task update) only on runc and crun so far.
     Limits,
+    /// A read-only root filesystem: instances start with a writable one.
+    ReadOnlyRootfs,
 }
 
 impl ColdReason {
@@ -40,6 +42,7 @@ impl ColdReason {
         match self {
             Self::NoInstance => "cold: no warm instance",
             Self::Limits => "cold: resource limits under gvisor",
+            Self::ReadOnlyRootfs => "cold: read-only root filesystem",
         }
     }
 }
@@ -58,7 +61,9 @@ pub fn key_of(spec: &ValidSpec, default: Runtime) -> WarmKey {
 /// a task update ([`crate::runtime::ContainerdRuntime::update_limits`]) on runc and
 /// crun (tested); under gVisor a create with limits goes cold.
 pub fn claimable(spec: &ValidSpec, runtime: Runtime) -> Result<(), ColdReason> {
-    if spec.warm_claimable(Some(runtime)) {
+    if spec.read_only_rootfs {
+        Err(ColdReason::ReadOnlyRootfs)
+    } else if spec.warm_claimable(Some(runtime)) {
         Ok(())
     } else {
         Err(ColdReason::Limits)
@@ -393,7 +398,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_go_cold_only_under_gvisor_and_the_key_follows_the_runtime() {
+    fn limits_go_cold_only_under_gvisor_read_only_always_and_the_key_follows_the_runtime() {
         assert_eq!(claimable(&valid(|_| {}), Runtime::Gvisor), Ok(()));
         let limited = valid(|s| s.resources.pids = 64);
         assert_eq!(claimable(&limited, Runtime::Runc), Ok(()));
@@ -402,6 +407,10 @@ mod tests {
             claimable(&limited, Runtime::Gvisor),
             Err(ColdReason::Limits)
         );
+        let ro = valid(|s| s.read_only_rootfs = true);
+        for runtime in [Runtime::Runc, Runtime::Crun, Runtime::Gvisor] {
+            assert_eq!(claimable(&ro, runtime), Err(ColdReason::ReadOnlyRootfs));
+        }
         let k = key_of(&valid(|_| {}), Runtime::Crun);
         assert_eq!(k.runtime, Runtime::Crun);
         let g = key_of(&valid(|s| s.runtime = "gvisor".into()), Runtime::Runc);

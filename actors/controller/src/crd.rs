@@ -78,6 +78,9 @@ pub struct SandboxSpec {
     /// Runtime override, if the pool allows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeName>,
+    /// Mount the image's root filesystem read-only (writes fail with EROFS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only_rootfs: bool,
 }
 
 fn default_recovery_timeout() -> u32 {

@@ -395,6 +395,7 @@ pub fn valid_spec(
         .to_owned(),
         recovery_timeout_seconds: s.recovery_timeout_seconds,
         labels: user_labels(labels),
+        read_only_rootfs: s.read_only_rootfs,
     }
     .validate(limits)
 }
@@ -434,6 +435,7 @@ pub fn crd_spec(r: &StoredSandbox) -> SandboxSpec {
             spec::Runtime::Crun => RuntimeName::Crun,
             spec::Runtime::Gvisor => RuntimeName::Gvisor,
         }),
+        read_only_rootfs: s.read_only_rootfs,
     }
 }
 

@@ -212,6 +212,8 @@ pub struct SandboxSpec {
     pub recovery_timeout_seconds: u32,
     /// User labels.
     pub labels: BTreeMap<String, String>,
+    /// Mount the root filesystem read-only.
+    pub read_only_rootfs: bool,
 }
 
 /// Bounds on what one spec may carry; hostile input stops here.
@@ -292,6 +294,10 @@ pub struct ValidSpec {
     pub recovery_timeout_seconds: u32,
     /// User labels.
     pub labels: BTreeMap<String, String>,
+    /// Root filesystem read-only. Left out of the JSON when false, so the digest and
+    /// the stored form of every spec without it are what they were.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only_rootfs: bool,
 }
 
 impl ValidSpec {
@@ -315,7 +321,9 @@ impl ValidSpec {
     /// sandbox so far, so under gVisor a limited spec goes cold. With the runtime
     /// unknown the registry assumes yes and the agent decides.
     pub fn warm_claimable(&self, runtime: Option<Runtime>) -> bool {
-        !(self.limited() && runtime == Some(Runtime::Gvisor))
+        // A warm instance's root filesystem was mounted writable when it started.
+        let limits_refused = self.limited() && runtime == Some(Runtime::Gvisor);
+        !(self.read_only_rootfs || limits_refused)
     }
 }
 
@@ -404,6 +412,7 @@ impl SandboxSpec {
             failure_policy,
             recovery_timeout_seconds,
             labels,
+            read_only_rootfs: self.read_only_rootfs,
         })
     }
 }
@@ -659,6 +668,7 @@ mod tests {
             failure_policy: "AutoRecreate".into(),
             recovery_timeout_seconds: 0,
             labels: [("app".to_string(), "demo".to_string())].into(),
+            read_only_rootfs: false,
         }
     }
 
@@ -822,5 +832,25 @@ mod tests {
         let v = spec.validate(&SpecLimits::default()).unwrap();
         assert_eq!(v.envs, vec![("X".into(), String::new())]);
         assert_eq!(v.memory, Some(Bytes(1 << 30)));
+    }
+
+    #[test]
+    fn a_read_only_rootfs_is_kept_goes_cold_and_leaves_other_digests_alone() {
+        let rw = valid().validate(&SpecLimits::default()).unwrap();
+        let json = serde_json::to_value(&rw).unwrap();
+        assert!(
+            json.get("read_only_rootfs").is_none(),
+            "false is left out, so older digests and stored specs stay the same"
+        );
+        assert!(rw.warm_claimable(Some(Runtime::Runc)));
+        let mut spec = valid();
+        spec.read_only_rootfs = true;
+        let ro = spec.validate(&SpecLimits::default()).unwrap();
+        assert!(ro.read_only_rootfs);
+        assert_ne!(ro.digest(), rw.digest(), "another spec, another digest");
+        assert!(!ro.warm_claimable(Some(Runtime::Runc)));
+        assert!(!ro.warm_claimable(None));
+        let back: ValidSpec = serde_json::from_value(serde_json::to_value(&ro).unwrap()).unwrap();
+        assert_eq!(back, ro);
     }
 }

@@ -1885,6 +1885,8 @@ fn adopt(
         failure_policy: FailurePolicy::Manual,
         recovery_timeout_seconds: 60,
         labels: BTreeMap::new(),
+        // Adopted: what the container was made with is not known here.
+        read_only_rootfs: false,
     };
     let (phase, exit_code) = match c.phase {
         SandboxPhase::Succeeded => (Phase::Succeeded, c.exit_code),

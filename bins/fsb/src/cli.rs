@@ -235,6 +235,9 @@ pub(crate) struct RunArgs {
     /// Working directory.
     #[arg(long)]
     pub(crate) workdir: Option<String>,
+    /// Mount the image's root filesystem read-only (always a cold start).
+    #[arg(long)]
+    pub(crate) read_only_rootfs: bool,
     /// Port the sandbox listens on (repeatable).
     #[arg(long = "port", short = 'p', value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub(crate) ports: Vec<u32>,

@@ -82,6 +82,8 @@ pub(crate) struct SpecDoc {
     pub(crate) expire_time: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) reset_revision: Option<i64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) read_only_rootfs: bool,
 }
 
 /// `spec.envs[]`.
@@ -380,6 +382,7 @@ impl From<&fp::SandboxSpec> for SpecDoc {
             recovery_timeout_seconds: Some(s.recovery_timeout_seconds).filter(|v| *v != 0),
             expire_time: rfc3339(s.expire_time.as_ref()),
             reset_revision: Some(s.reset_revision).filter(|v| *v != 0),
+            read_only_rootfs: s.read_only_rootfs,
         }
     }
 }

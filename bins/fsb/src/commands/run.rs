@@ -224,6 +224,7 @@ pub(crate) fn build_request(
         recovery_timeout_seconds: m.spec.recovery_timeout_seconds.unwrap_or(0),
         expire_time,
         reset_revision: 0,
+        read_only_rootfs: args.read_only_rootfs || m.spec.read_only_rootfs,
     };
     let ttl = args
         .ttl
