@@ -20,7 +20,7 @@ use fsb_local::bench::Summary;
 use fsb_proto::fastpath::v1 as fp;
 use fsb_tests::{
     containerd::ContainerdEnv,
-    local::{LocalUp, free_port},
+    local::{LocalUp, free_port, sleeper_request},
     otlp::OtlpReceiver,
     wait::wait_until,
 };
@@ -73,19 +73,7 @@ async fn round(
     let mut samples = Vec::with_capacity(per_round);
     for i in 0..per_round {
         let name = format!("{tag}-{i}");
-        let req = fp::CreateRequest {
-            request_id: format!("overhead-{name}"),
-            namespace: "default".into(),
-            name: name.clone(),
-            mode: fp::ConsistencyMode::Fast as i32,
-            spec: Some(fp::SandboxSpec {
-                image: env.image.clone(),
-                pool_ref: "default".into(),
-                command: vec!["sleep".into(), "3600".into()],
-                ..fp::SandboxSpec::default()
-            }),
-            ..fp::CreateRequest::default()
-        };
+        let req = sleeper_request(&env.image, &name, fp::ConsistencyMode::Fast);
         let t = Instant::now();
         client
             .create(req)

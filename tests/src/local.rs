@@ -36,6 +36,29 @@ impl Interceptor for Bearer {
 /// A fast-path client with the token attached.
 pub type Client = FastPathClient<InterceptedService<Channel, Bearer>>;
 
+/// A create of `name` in namespace and pool `default` running `sleep 3600` from
+/// `image`, in `mode`; its request id is derived from the name.
+pub fn sleeper_request(
+    image: &str,
+    name: &str,
+    mode: fsb_proto::fastpath::v1::ConsistencyMode,
+) -> fsb_proto::fastpath::v1::CreateRequest {
+    use fsb_proto::fastpath::v1 as fp;
+    fp::CreateRequest {
+        request_id: format!("req-{name}"),
+        namespace: "default".into(),
+        name: name.into(),
+        mode: mode as i32,
+        spec: Some(fp::SandboxSpec {
+            image: image.into(),
+            pool_ref: "default".into(),
+            command: vec!["sleep".into(), "3600".into()],
+            ..fp::SandboxSpec::default()
+        }),
+        ..fp::CreateRequest::default()
+    }
+}
+
 /// The `fsb` binary built by `tests/run.sh` (env `FSB_BIN`).
 pub fn fsb_bin() -> PathBuf {
     PathBuf::from(std::env::var("FSB_BIN").expect("FSB_BIN is set by tests/run.sh containerd"))

@@ -14,29 +14,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use fsb_proto::fastpath::v1 as fp;
 use fsb_tests::{
     ContainerdEnv,
-    local::{Client, LocalUp, free_port},
+    local::{Client, LocalUp, free_port, sleeper_request},
     prometheus::Prometheus,
     wait_until,
 };
 
 const WARM: usize = 2;
 const SCRAPED: Duration = Duration::from_secs(60);
-
-fn create_request(env: &ContainerdEnv, name: &str, mode: fp::ConsistencyMode) -> fp::CreateRequest {
-    fp::CreateRequest {
-        request_id: format!("metrics-{name}"),
-        namespace: "default".into(),
-        name: name.into(),
-        mode: mode as i32,
-        spec: Some(fp::SandboxSpec {
-            image: env.image.clone(),
-            pool_ref: "default".into(),
-            command: vec!["sleep".into(), "600".into()],
-            ..fp::SandboxSpec::default()
-        }),
-        ..fp::CreateRequest::default()
-    }
-}
 
 /// Creates `names` one after the other; returns (name, sandbox id, path).
 async fn create_all(
@@ -47,7 +31,7 @@ async fn create_all(
     let mut out = Vec::new();
     for (name, mode) in names {
         let resp = client
-            .create(create_request(env, name, *mode))
+            .create(sleeper_request(&env.image, name, *mode))
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e}"))
             .into_inner();
@@ -178,7 +162,7 @@ async fn prometheus_scrapes_fsb_up_and_every_dashboard_query_returns_data() {
         ],
     )
     .await;
-    let mut bad = create_request(&env, "m-bad", fp::ConsistencyMode::Fast);
+    let mut bad = sleeper_request(&env.image, "m-bad", fp::ConsistencyMode::Fast);
     bad.name = "Not_A_Valid_Name".into();
     let err = client.create(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");

@@ -13,27 +13,11 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 use fsb_proto::fastpath::v1 as fp;
 use fsb_tests::{
     ContainerdEnv,
-    local::{LocalUp, free_port},
+    local::{LocalUp, free_port, sleeper_request},
     otlp::{OtlpReceiver, ReceivedSpan},
 };
 
 const ARRIVES: Duration = Duration::from_secs(30);
-
-fn create_request(env: &ContainerdEnv, name: &str) -> fp::CreateRequest {
-    fp::CreateRequest {
-        request_id: format!("trace-{name}"),
-        namespace: "default".into(),
-        name: name.into(),
-        mode: fp::ConsistencyMode::Strong as i32,
-        spec: Some(fp::SandboxSpec {
-            image: env.image.clone(),
-            pool_ref: "default".into(),
-            command: vec!["sleep".into(), "600".into()],
-            ..fp::SandboxSpec::default()
-        }),
-        ..fp::CreateRequest::default()
-    }
-}
 
 fn random_hex(bytes: usize) -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
@@ -137,7 +121,11 @@ async fn one_create_is_one_trace_across_gateway_registry_agent_and_containerd() 
     // A client that is itself traced: its traceparent is continued.
     let trace_id = random_hex(16);
     let client_span = random_hex(8);
-    let mut req = tonic::Request::new(create_request(&env, "traced"));
+    let mut req = tonic::Request::new(sleeper_request(
+        &env.image,
+        "traced",
+        fp::ConsistencyMode::Strong,
+    ));
     req.metadata_mut().insert(
         "traceparent",
         format!("00-{trace_id}-{client_span}-01").parse().unwrap(),
@@ -159,7 +147,11 @@ async fn one_create_is_one_trace_across_gateway_registry_agent_and_containerd() 
 
     // Without a traceparent the gateway starts the trace.
     let resp = client
-        .create(create_request(&env, "untraced"))
+        .create(sleeper_request(
+            &env.image,
+            "untraced",
+            fp::ConsistencyMode::Strong,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -185,7 +177,7 @@ async fn one_create_is_one_trace_across_gateway_registry_agent_and_containerd() 
     let log = std::fs::read_to_string(dir.join("up/fsb-up.log")).unwrap();
     assert!(
         log.lines()
-            .any(|l| l.contains(&trace_id) && l.contains("request_id=trace-traced")),
+            .any(|l| l.contains(&trace_id) && l.contains("request_id=req-traced")),
         "no log line with trace id {trace_id}:\n{log}"
     );
     assert!(log.contains("exporting traces over OTLP"), "{log}");

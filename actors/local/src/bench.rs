@@ -14,11 +14,15 @@
 //! - several modes (`--mode fast,strong`): one fsb path per consistency mode, each
 //!   measured in the same run (STRONG writes the record before answering, FAST after).
 //!
-//! Batches of `concurrency` creates rotate between the paths (fsb then raw, then
-//! raw then fsb, ...), so drift and containerd's background work (garbage collection
-//! after removals) hit all alike. Compare the ratio, never absolute numbers from
-//! different runs.
+//! Rounds rotate between the paths (fsb then raw, then raw then fsb, ...), so drift
+//! and containerd's background work (garbage collection after removals) hit all
+//! alike. A round is `round` creates of one path with `concurrency` in flight at all
+//! times (a new create starts as soon as one ends), then their untimed removal. With
+//! the default round of `concurrency` creates, every round ends on its slowest
+//! create; a longer round (`--round 100`) measures a sustained rate. Compare the
+//! ratio, never absolute numbers from different runs.
 
+use futures::StreamExt as _;
 use std::{
     future::Future,
     path::PathBuf,
@@ -153,8 +157,10 @@ impl RawTarget {
 pub struct BenchConfig {
     /// Measured creates per path.
     pub count: usize,
-    /// Creates in flight at once (per batch).
+    /// Creates in flight at once.
     pub concurrency: usize,
+    /// Creates per path and round, removed after the round; `0` is `concurrency`.
+    pub round: usize,
     /// Creates per path discarded before measuring.
     pub warmup: usize,
     /// Image of every sandbox (must be present: the bench measures creates, not pulls).
@@ -263,8 +269,8 @@ pub struct ModeReport {
     /// With `--warm`: measured creates that went cold.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold: Option<usize>,
-    /// With `--warm`: measured creates per second of batch wall time (creates only,
-    /// the untimed removals excluded; batches wholly past the warmup).
+    /// With `--warm`: measured creates per second of round wall time (creates only,
+    /// the untimed removals excluded; rounds wholly past the warmup).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub creates_per_s: Option<f64>,
 }
@@ -698,10 +704,12 @@ impl RawPath {
     }
 }
 
-/// Run `n` creates at once, then remove what was created (untimed); the timings,
-/// each with what its create returned, and the wall time of the creates.
+/// Run `n` creates, `in_flight` at a time (the next starts as soon as one ends), then
+/// remove what was created (untimed); the timings, each with what its create
+/// returned, and the wall time of the creates.
 async fn batch<C, CF, R, RF, K>(
     n: usize,
+    in_flight: usize,
     create: C,
     remove: R,
 ) -> Result<(Vec<(Duration, Stages, K)>, Duration), BenchError>
@@ -713,7 +721,10 @@ where
     K: Clone,
 {
     let wall = Instant::now();
-    let results = futures::future::join_all((0..n).map(|_| create())).await;
+    let results: Vec<_> = futures::stream::iter((0..n).map(|_| create()))
+        .buffer_unordered(in_flight.max(1))
+        .collect()
+        .await;
     let wall = wall.elapsed();
     let mut timings = Vec::with_capacity(n);
     let mut created = Vec::with_capacity(n);
@@ -840,14 +851,25 @@ pub async fn run(
         if stop.load(Ordering::SeqCst) {
             return Err(BenchError::Interrupted { done });
         }
-        let n = config.concurrency.min(total - done);
+        let round_size = if config.round == 0 {
+            config.concurrency
+        } else {
+            config.round
+        };
+        let n = round_size.min(total - done);
         // Samples of this batch with index < warmup are discarded.
         let skip = config.warmup.saturating_sub(done).min(n);
         for lane in round_order(round, paths.len(), raw.is_some()) {
             match (lane, &raw) {
                 (Lane::Fsb(i), _) => {
                     let fsb = &paths[i];
-                    let (t, wall) = batch(n, || fsb.create(), |(name, _)| fsb.delete(name)).await?;
+                    let (t, wall) = batch(
+                        n,
+                        config.concurrency,
+                        || fsb.create(),
+                        |(name, _)| fsb.delete(name),
+                    )
+                    .await?;
                     if skip == 0 {
                         fsb_walls[i].0 += n;
                         fsb_walls[i].1 += wall;
@@ -855,7 +877,8 @@ pub async fn run(
                     fsb_samples[i].extend(t.into_iter().skip(skip));
                 }
                 (Lane::Raw, Some(raw)) => {
-                    let (t, _) = batch(n, || raw.create(), |id| raw.remove(id)).await?;
+                    let (t, _) =
+                        batch(n, config.concurrency, || raw.create(), |id| raw.remove(id)).await?;
                     raw_samples.extend(t.into_iter().skip(skip).map(|(d, s, _)| (d, s)));
                 }
                 (Lane::Raw, None) => {}
@@ -1058,6 +1081,7 @@ mod tests {
         let config = BenchConfig {
             count: 3,
             concurrency: 1,
+            round: 0,
             warmup: 0,
             image: "busybox".into(),
             pool: "default".into(),
@@ -1074,11 +1098,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_round_keeps_exactly_its_concurrency_in_flight() {
+        use std::sync::atomic::AtomicUsize;
+        let (now, peak, made) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let (timings, _) = batch(
+            20,
+            4,
+            || async {
+                let i = made.fetch_add(1, Ordering::SeqCst);
+                let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(running, Ordering::SeqCst);
+                // Uneven durations: a new create must start as soon as any one ends.
+                tokio::time::sleep(Duration::from_millis(1 + (i as u64 % 3) * 5)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok((i, Duration::from_millis(1), Vec::new()))
+            },
+            |_| async { Ok(()) },
+        )
+        .await
+        .unwrap();
+        assert_eq!(timings.len(), 20);
+        assert_eq!(peak.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
     async fn batches_remove_what_they_created_even_when_one_create_fails() {
         use std::sync::atomic::AtomicUsize;
         let made = AtomicUsize::new(0);
         let removed = AtomicUsize::new(0);
         let result = batch(
+            3,
             3,
             || async {
                 let i = made.fetch_add(1, Ordering::SeqCst);

@@ -451,6 +451,11 @@ pub(crate) struct BenchArgs {
     /// Creates in flight at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) concurrency: u64,
+    /// Creates per path in each round, --concurrency of them in flight at all times,
+    /// removed after the round [default: --concurrency: every round ends on its
+    /// slowest create]; a longer round measures a sustained rate.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) round: Option<u64>,
     /// Creates per path discarded before measuring.
     #[arg(long, default_value_t = 3)]
     pub(crate) warmup: u64,

@@ -27,6 +27,7 @@ pub(crate) fn bench_config(args: &BenchArgs, settings: &Settings) -> Result<Benc
     Ok(BenchConfig {
         count: int(args.count, "--count")?,
         concurrency: int(args.concurrency, "--concurrency")?,
+        round: int(args.round.unwrap_or(0), "--round")?,
         warmup: int(args.warmup, "--warmup")?,
         image: settings.image(args.image.as_deref()),
         pool: settings.pool(args.pool.as_deref()),
