@@ -42,6 +42,8 @@ pub const LABEL_PORTS: &str = "fast-sandbox.io/ports";
 pub const LABEL_WARM: &str = "fast-sandbox.io/warm";
 /// How often the warm levels are topped up (a claim also triggers a refill).
 const REFILL_INTERVAL: Duration = Duration::from_millis(250);
+/// Refills yield to claims (see [`crate::warm`]) until none has come for this long.
+const CLAIMS_QUIET: Duration = Duration::from_millis(200);
 /// After a failed instance start, refills pause this long (a missing image must not
 /// turn into a tight loop of failing creates).
 const REFILL_BACKOFF: Duration = Duration::from_secs(2);
@@ -64,6 +66,8 @@ pub(crate) struct AgentActor {
     /// fsb-init on the host; `None` when nothing is kept warm.
     warm_init: Option<std::path::PathBuf>,
     refill_paused_until: Option<std::time::Instant>,
+    /// When a create last took a warm instance.
+    last_claim: Option<std::time::Instant>,
     /// Unclaimed instances found at startup that cannot serve (not running, or no
     /// longer wanted): removed once the actor runs.
     discard: Vec<SandboxId>,
@@ -132,6 +136,7 @@ impl AgentActor {
             warm,
             warm_init: parts.warm.init,
             refill_paused_until: None,
+            last_claim: None,
             discard,
             relabel,
             changes,
@@ -191,7 +196,8 @@ impl AgentActor {
         {
             return;
         }
-        for (id, key) in self.warm.refills() {
+        let claiming = self.last_claim.is_some_and(|t| t.elapsed() < CLAIMS_QUIET);
+        for (id, key) in self.warm.refills(claiming) {
             let labels = HashMap::from([
                 (LABEL_AGENT_UID.to_owned(), self.agent_id.to_string()),
                 (LABEL_WARM.to_owned(), warm_label(&key)),
@@ -317,6 +323,7 @@ impl Handler<Create> for AgentActor {
         let how = self.start_how(&req.id, &req.spec, runtime);
         if how == StartHow::Claim {
             // Replace what was taken.
+            self.last_claim = Some(std::time::Instant::now());
             ctx.notify(RefillNow);
         }
         let start = Start {

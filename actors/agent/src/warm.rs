@@ -8,6 +8,10 @@
 //!   oldest ready one goes first;
 //! - refills never exceed the target per key, the number of starts in flight, or the
 //!   memory budget (every ready or starting instance is charged its estimate);
+//! - while claims are arriving, refills yield to them: one start in flight at a time,
+//!   unless a key has fallen below its low-water mark ([`low_water`]). A start costs
+//!   tens of milliseconds of CPU (shim, `runc create`), a claim about one; on a small
+//!   node, starts at full width during a burst slow every claim of the burst.
 //! - lowering a target makes the extra ready instances surplus, to be removed; an
 //!   instance still starting is never surplus (it is counted, then trimmed once ready).
 
@@ -160,6 +164,12 @@ impl WarmConfig {
     }
 }
 
+/// Below this many ready instances a key refills at full width even while claims
+/// arrive: a quarter of its target, at least one.
+pub fn low_water(target: usize) -> usize {
+    target.div_ceil(4).max(1)
+}
+
 /// Ready and wanted instances of one key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WarmLevel {
@@ -226,8 +236,9 @@ impl WarmState {
     }
 
     /// Instances to start now (each with a new id), within every limit; they count as
-    /// starting until [`Self::started`] or [`Self::failed`].
-    pub fn refills(&mut self) -> Vec<(SandboxId, WarmKey)> {
+    /// starting until [`Self::started`] or [`Self::failed`]. `claiming`: claims arrived
+    /// just now, so keys at or above their low-water mark get one start at a time.
+    pub fn refills(&mut self, claiming: bool) -> Vec<(SandboxId, WarmKey)> {
         let mut out = Vec::new();
         let targets: Vec<(WarmKey, usize)> =
             self.targets.iter().map(|(k, n)| (k.clone(), *n)).collect();
@@ -238,6 +249,10 @@ impl WarmState {
             for (key, target) in &targets {
                 if self.starting.len() >= self.limits.max_starting || !self.budget_allows_one() {
                     return out;
+                }
+                let ready = self.ready.get(key).map_or(0, VecDeque::len);
+                if claiming && ready >= low_water(*target) && !self.starting.is_empty() {
+                    continue;
                 }
                 if self.held(key) < *target {
                     let id = SandboxId::generate();
@@ -427,7 +442,7 @@ mod tests {
     fn start_all(s: &mut WarmState) -> Vec<SandboxId> {
         let mut ids = Vec::new();
         loop {
-            let batch = s.refills();
+            let batch = s.refills(false);
             if batch.is_empty() {
                 return ids;
             }
@@ -446,9 +461,12 @@ mod tests {
         });
         let busybox = key("busybox", Runtime::Runc);
         assert!(s.set_targets([(busybox.clone(), 5)]).is_empty());
-        let first = s.refills();
+        let first = s.refills(false);
         assert_eq!(first.len(), 2, "two starts at a time");
-        assert!(s.refills().is_empty(), "none more while two are starting");
+        assert!(
+            s.refills(false).is_empty(),
+            "none more while two are starting"
+        );
         for (id, _) in &first {
             assert!(s.started(id));
         }
@@ -461,7 +479,50 @@ mod tests {
                 target: 5
             }
         );
-        assert!(s.refills().is_empty(), "full");
+        assert!(s.refills(false).is_empty(), "full");
+    }
+
+    #[test]
+    fn while_claims_arrive_refills_go_one_at_a_time_until_the_low_water_mark() {
+        let mut s = WarmState::new(WarmLimits {
+            max_starting: 4,
+            ..WarmLimits::default()
+        });
+        let k = key("busybox", Runtime::Runc);
+        s.set_targets([(k.clone(), 8)]);
+        // None ready, so below the low-water mark (2 of 8): full width despite claims.
+        let first = s.refills(true);
+        assert_eq!(first.len(), 4);
+        for (id, _) in &first {
+            assert!(s.started(id));
+        }
+        start_all(&mut s);
+        assert_eq!(s.levels()[&k].ready, 8);
+        // Claims take 4: 4 held, above the mark, so one start at a time.
+        for _ in 0..4 {
+            s.claim(&k).unwrap();
+        }
+        let one = s.refills(true);
+        assert_eq!(one.len(), 1);
+        assert!(
+            s.refills(true).is_empty(),
+            "one start in flight is the limit"
+        );
+        // Once the claims stop, the rest start at full width.
+        assert_eq!(s.refills(false).len(), 3);
+        // Claims that drain the key below its mark (1 ready < 2) lift the limit again.
+        let mut s = WarmState::new(WarmLimits {
+            max_starting: 4,
+            ..WarmLimits::default()
+        });
+        s.set_targets([(k.clone(), 8)]);
+        start_all(&mut s);
+        for _ in 0..7 {
+            s.claim(&k).unwrap();
+        }
+        assert_eq!(s.refills(true).len(), 4);
+        assert_eq!(low_water(1), 1);
+        assert_eq!(low_water(600), 150);
     }
 
     #[test]
@@ -508,10 +569,10 @@ mod tests {
         assert_eq!(surplus, vec![ids[2].clone(), ids[1].clone()]);
         assert_eq!(s.claim(&k), Some(ids[0].clone()));
         s.set_targets([(k.clone(), 1)]);
-        let (id, _) = s.refills().pop().unwrap();
+        let (id, _) = s.refills(false).pop().unwrap();
         s.failed(&id);
         assert!(!s.started(&id), "a failed start is not ready");
-        assert_eq!(s.refills().len(), 1, "tried again");
+        assert_eq!(s.refills(false).len(), 1, "tried again");
         assert_eq!(
             s.set_targets([]).len(),
             0,
@@ -526,10 +587,10 @@ mod tests {
         let id = SandboxId::generate();
         s.adopt(id.clone(), k.clone());
         assert_eq!(s.set_targets([(k.clone(), 1)]).len(), 0);
-        assert!(s.refills().is_empty(), "the adopted one counts");
+        assert!(s.refills(false).is_empty(), "the adopted one counts");
         assert!(s.lost(&id));
         assert!(!s.lost(&id));
-        assert_eq!(s.refills().len(), 1);
+        assert_eq!(s.refills(false).len(), 1);
     }
 
     #[test]
