@@ -258,7 +258,7 @@ pub async fn controller_tls(client: &Client, ns: &str) -> Result<TlsMaterial> {
         fsb_controller::tls::secret_text(&secret, k)
             .with_context(|| format!("CA secret has no {k}"))
     };
-    let ca = fsb_controller::tls::AgentCa::from_pem(
+    let ca = fsb_controller::tls::Ca::from_pem(
         &text(fsb_agent::tls::CA_FILE)?,
         &text(fsb_controller::tls::CA_KEY)?,
     )?;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fsb_agent::tls::{CONTROLLER_NAME, TlsMaterial, agent_name};
-use fsb_controller::tls::AgentCa;
+use fsb_controller::tls::{AGENT_CA_NAME, Ca};
 use fsb_proto::agent::v1::agent_control_client::AgentControlClient;
 use fsb_proto::agent::v1::{self as av, agent_client::AgentClient};
 use fsb_tests::{
@@ -209,8 +209,9 @@ async fn an_agent_answers_only_the_controller() -> Result<()> {
     let o = list_containers(a.port, Some(client_tls(&ca, &a_name, None))).await;
     assert_refused(&o, "no client certificate", NO_CERT_REFUSED);
 
-    // The controller's name, but signed by another CA: refused in the handshake.
-    let foreign = AgentCa::generate()?.issue(CONTROLLER_NAME)?;
+    // The controller's name, but signed by another CA (a look-alike with the same CA
+    // name): refused in the handshake.
+    let foreign = Ca::generate(AGENT_CA_NAME)?.issue(CONTROLLER_NAME)?;
     let o = list_containers(a.port, Some(client_tls(&ca, &a_name, Some(&foreign)))).await;
     assert_refused(&o, "a foreign CA", FOREIGN_CA_REFUSED);
 
@@ -291,7 +292,7 @@ async fn agent_control_accepts_only_the_pool_a_certificate_names() -> Result<()>
     assert_refused(&o, "plaintext", PLAINTEXT_REFUSED);
     let o = register(&s, "b", Some(client_tls(&ca, CONTROLLER_NAME, None))).await?;
     assert_refused(&o, "no client certificate", NO_CERT_REFUSED);
-    let foreign = AgentCa::generate()?.issue(&agent_name("b", &s.ns))?;
+    let foreign = Ca::generate(AGENT_CA_NAME)?.issue(&agent_name("b", &s.ns))?;
     let o = register(
         &s,
         "b",

@@ -18,6 +18,7 @@ pub mod pool;
 pub mod rbac;
 pub mod run;
 pub mod sandboxes;
+pub mod serving;
 pub mod store;
 pub mod supervisor;
 pub mod tls;

@@ -70,7 +70,7 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::Notify;
 
 use crate::crd::{SandboxPool, SandboxPoolStatus};
-use crate::tls::AgentCa;
+use crate::tls::Ca;
 use fsb_core::labels::{LABEL_APP, LABEL_APP_AGENT, LABEL_POOL};
 use sizing::{Capacity, Demand, PodPhase, PodView};
 
@@ -126,7 +126,7 @@ pub struct PoolConfig {
     pub resync: Duration,
     /// The agent CA: each pool gets a Secret [`tls_secret_name`] with its agents'
     /// certificate, mounted into its pods (None: agents run without TLS).
-    pub ca: Option<Arc<AgentCa>>,
+    pub ca: Option<Arc<Ca>>,
 }
 
 impl PoolConfig {
@@ -370,7 +370,7 @@ pub fn tls_secret_name(pool: &str) -> String {
 async fn ensure_tls_secret(
     client: &kube::Client,
     pool: &SandboxPool,
-    ca: &AgentCa,
+    ca: &Ca,
 ) -> Result<(), PoolError> {
     let ns = pool
         .namespace()

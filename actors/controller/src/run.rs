@@ -27,9 +27,10 @@ use crate::{
     pool::{self, AgentLoad, AgentUsage, PoolConfig, PoolTrigger},
     rbac::{AuthTtl, KubeAuthorizer},
     sandboxes::{PendingDemand, SandboxLoop, SandboxLoopConfig, scoped},
+    serving::{FastPathTls, Refresher, server_config, tls_incoming},
     store::KubeStore,
     supervisor::{Backoff, Restarts, supervise},
-    tls::load_or_create_ca,
+    tls::{AGENT_CA_NAME, load_or_create_ca},
 };
 use fsb_agent::tls::CONTROLLER_NAME;
 
@@ -46,9 +47,9 @@ pub struct ControllerConfig {
     pub default_mode: fp::ConsistencyMode,
     /// Who may call the fast path.
     pub auth: FastPathAuth,
-    /// The fast path's TLS certificate (None: plaintext, for a mesh or a proxy that
-    /// terminates TLS in front).
-    pub fast_path_tls: Option<ServingCert>,
+    /// The fast path's TLS certificate and where it comes from (None: plaintext, for a
+    /// mesh or a proxy that terminates TLS in front).
+    pub fast_path_tls: Option<FastPathTls>,
     /// Longest wait for running agent pods to register before serving creates.
     pub startup_wait: Duration,
     /// A disconnected agent whose pod exists is declared lost after this long.
@@ -137,22 +138,6 @@ pub enum FastPathAuth {
     Kubernetes(AuthTtl),
 }
 
-/// A server certificate (chain first) and its private key, PEM.
-#[derive(Clone)]
-pub struct ServingCert {
-    /// The certificate chain.
-    pub cert_pem: String,
-    /// The private key.
-    pub key_pem: String,
-}
-
-impl std::fmt::Debug for ServingCert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the key.
-        f.debug_struct("ServingCert").finish_non_exhaustive()
-    }
-}
-
 /// Where a running controller listens, for tests and the log.
 #[derive(Clone, Copy, Debug)]
 pub struct Addresses {
@@ -215,7 +200,7 @@ pub async fn run(
                 .clone()
                 .or_else(|| config.namespace.clone())
                 .unwrap_or_else(|| "fast-sandbox-system".to_owned());
-            let ca = load_or_create_ca(&client, &ns, &t.ca_secret)
+            let ca = load_or_create_ca(&client, &ns, &t.ca_secret, AGENT_CA_NAME)
                 .await
                 .map_err(|e| {
                     ControllerError::Setup(format!("agent CA {ns}/{}: {e}", t.ca_secret))
@@ -233,6 +218,17 @@ pub async fn run(
         Some(ca) => Some(ca.issue(CONTROLLER_NAME).map_err(|e| {
             ControllerError::Setup(format!("issuing the controller's certificate: {e}"))
         })?),
+        None => None,
+    };
+    // The fast path's certificate too: a controller that would serve an unusable one
+    // does not start.
+    let fast_tls = match &config.fast_path_tls {
+        Some(t) => Some((
+            Refresher::start(&client, &t.source)
+                .await
+                .map_err(|e| ControllerError::Setup(format!("fast-path TLS: {e}")))?,
+            t.check_every,
+        )),
         None => None,
     };
     let bind = |what: &'static str, addr: SocketAddr| async move {
@@ -398,39 +394,41 @@ pub async fn run(
     reporter
         .set_service_status("fastpath.v1.FastPath", ServingStatus::Serving)
         .await;
-    let mut fast_builder = tonic::transport::Server::builder();
-    if let Some(cert) = &config.fast_path_tls {
-        let tls = tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(&cert.cert_pem, &cert.key_pem),
-        );
-        fast_builder = fast_builder
-            .tls_config(tls)
-            .map_err(|e| ControllerError::Setup(format!("fast-path TLS: {e}")))?;
-    }
-    let fast_server = tokio::spawn(
-        fast_builder
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(FastPathService::server(
-                gateway.clone(),
-                TokenCheck::new(match &config.auth {
-                    FastPathAuth::Token(t) => Some(t.clone()),
-                    _ => None,
-                }),
-                match config.auth {
-                    FastPathAuth::Kubernetes(ttl) => {
-                        Some(Arc::new(KubeAuthorizer::new(client.clone(), ttl))
-                            as Arc<dyn fsb_gateway::Authorizer>)
-                    }
-                    _ => None,
-                },
-                fsb_gateway::RateLimit::new(config.rate_limit),
-            ))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(fast_listener).with_nodelay(Some(true)),
+    let fast_router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(FastPathService::server(
+            gateway.clone(),
+            TokenCheck::new(match &config.auth {
+                FastPathAuth::Token(t) => Some(t.clone()),
+                _ => None,
+            }),
+            match config.auth {
+                FastPathAuth::Kubernetes(ttl) => {
+                    Some(Arc::new(KubeAuthorizer::new(client.clone(), ttl))
+                        as Arc<dyn fsb_gateway::Authorizer>)
+                }
+                _ => None,
+            },
+            fsb_gateway::RateLimit::new(config.rate_limit),
+        ));
+    // TLS is done here rather than by tonic so that the certificate can change while
+    // serving (tonic's own TLS takes one certificate for the server's life).
+    let fast_server = match fast_tls {
+        Some(((slot, refresher), every)) => {
+            let tls = server_config(slot)
+                .map_err(|e| ControllerError::Setup(format!("fast-path TLS: {e}")))?;
+            tokio::spawn(refresher.run(every, stopped(stop_rx.clone())));
+            tokio::spawn(fast_router.serve_with_incoming_shutdown(
+                tls_incoming(fast_listener, tls),
                 stopped(stop_rx.clone()),
-            ),
-    );
+            ))
+        }
+        None => tokio::spawn(fast_router.serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(fast_listener).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        )),
+    };
     tracing::info!(addr = %addrs.fast_path, "fast path listening");
     ready(
         addrs,

@@ -7,7 +7,10 @@ use clap::Parser;
 use fsb_controller::{
     leader::LeaseConfig,
     rbac::AuthTtl,
-    run::{AgentTlsConfig, ControllerConfig, FastPathAuth, ServingCert, run},
+    run::{AgentTlsConfig, ControllerConfig, FastPathAuth, run},
+    serving::{
+        FastPathTls, GeneratedCert, ServingSource, certified_key, check_name, gateway_names,
+    },
 };
 use fsb_proto::fastpath::v1 as fp;
 
@@ -33,12 +36,41 @@ struct Config {
     #[arg(long, env = "FSB_AUTH", default_value = "kubernetes", value_parser = ["kubernetes", "token", "none"])]
     auth: String,
     /// The fast path's TLS certificate chain (PEM), e.g. `tls.crt` of a mounted
-    /// kubernetes.io/tls Secret; with --tls-key-file. Unset: plaintext.
+    /// kubernetes.io/tls Secret; with --tls-key-file. Re-read when it changes (every
+    /// --tls-reload-seconds). Unset, and no --tls-generate: plaintext.
     #[arg(long, env = "FSB_TLS_CERT_FILE", requires = "tls_key_file")]
     tls_cert_file: Option<PathBuf>,
     /// The private key (PEM) of --tls-cert-file.
     #[arg(long, env = "FSB_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
+    /// Serve the fast path over TLS with a certificate the controller issues from the
+    /// gateway CA (Secret --gateway-ca-secret, created when missing; its certificate is
+    /// published as `ca.crt` of the ConfigMap of the same name). Names: the Service's
+    /// DNS names (--tls-service), localhost, 127.0.0.1, ::1 and --tls-san.
+    #[arg(long, env = "FSB_TLS_GENERATE", conflicts_with = "tls_cert_file")]
+    tls_generate: bool,
+    /// More names (DNS names or IP addresses) of the generated certificate,
+    /// comma-separated or repeated.
+    #[arg(
+        long,
+        env = "FSB_TLS_SANS",
+        value_delimiter = ',',
+        requires = "tls_generate"
+    )]
+    tls_san: Vec<String>,
+    /// The controller's Service, whose DNS names the generated certificate carries
+    /// (<service>.<namespace>.svc[.cluster.local]; namespace: the controller's own).
+    #[arg(long, env = "FSB_TLS_SERVICE", default_value = "fsb-controller")]
+    tls_service: String,
+    /// Secret holding the gateway CA (`ca.crt`, `ca.key`; created when missing, or
+    /// create it beforehand with a CA of your own), and name of the ConfigMap that
+    /// publishes `ca.crt`. In the controller's namespace.
+    #[arg(long, env = "FSB_GATEWAY_CA_SECRET", default_value = fsb_controller::tls::DEFAULT_GATEWAY_CA)]
+    gateway_ca_secret: String,
+    /// How often the fast path's certificate is checked for renewal (changed files;
+    /// a generated one close to expiry or whose CA changed), seconds.
+    #[arg(long, env = "FSB_TLS_RELOAD_SECONDS", default_value_t = fsb_controller::serving::DEFAULT_CHECK_EVERY.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    tls_reload_seconds: u64,
     /// File holding the bearer token of `--auth token`.
     #[arg(long, env = "FSB_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -155,23 +187,6 @@ fn main() -> ExitCode {
             })
         }
     };
-    let fast_path_tls = match (&config.tls_cert_file, &config.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            let read = |flag: &str, path: &PathBuf| match std::fs::read_to_string(path) {
-                Ok(t) if t.contains("-----BEGIN ") => Ok(t),
-                Ok(_) => Err(format!("{flag} {}: no PEM data", path.display())),
-                Err(e) => Err(format!("{flag} {}: {e}", path.display())),
-            };
-            match (read("--tls-cert-file", cert), read("--tls-key-file", key)) {
-                (Ok(cert_pem), Ok(key_pem)) => Some(ServingCert { cert_pem, key_pem }),
-                (Err(e), _) | (_, Err(e)) => {
-                    eprintln!("fsb-controller: {e}");
-                    return ExitCode::from(64);
-                }
-            }
-        }
-        _ => None,
-    };
     let _tracing = match fsb_telemetry::trace::init("fsb-controller", Default::default()) {
         Ok(guard) => guard,
         Err(e) => {
@@ -186,6 +201,51 @@ fn main() -> ExitCode {
         .or_else(|| std::env::var("FSB_POD_NAMESPACE").ok())
         .or_else(|| config.watch_namespace.clone())
         .unwrap_or_else(|| "fast-sandbox-system".into());
+    let fast_path_source = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            // Checked now, so that a bad pair is a configuration error, said in one line.
+            let read = |flag: &str, path: &PathBuf| {
+                std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+            };
+            match (read("--tls-cert-file", cert), read("--tls-key-file", key)) {
+                (Ok(c), Ok(k)) => {
+                    if let Err(e) = certified_key(&c, &k) {
+                        eprintln!(
+                            "fsb-controller: --tls-cert-file {} / --tls-key-file {}: {e}",
+                            cert.display(),
+                            key.display()
+                        );
+                        return ExitCode::from(64);
+                    }
+                    Some(ServingSource::Files {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    })
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("fsb-controller: {e}");
+                    return ExitCode::from(64);
+                }
+            }
+        }
+        _ if config.tls_generate => {
+            let names = gateway_names(&config.tls_service, &own_namespace, &config.tls_san);
+            if let Some(e) = names.iter().find_map(|n| check_name(n).err()) {
+                eprintln!("fsb-controller: --tls-san/--tls-service: {e}");
+                return ExitCode::from(64);
+            }
+            Some(ServingSource::Generated(GeneratedCert {
+                namespace: own_namespace.clone(),
+                ca_secret: config.gateway_ca_secret.clone(),
+                names,
+            }))
+        }
+        _ => None,
+    };
+    let fast_path_tls = fast_path_source.map(|source| FastPathTls {
+        source,
+        check_every: Duration::from_secs(config.tls_reload_seconds),
+    });
     let agent_tls = (!config.agent_plaintext).then(|| AgentTlsConfig {
         ca_secret: config.agent_ca_secret.clone(),
         ca_namespace: Some(

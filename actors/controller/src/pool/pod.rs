@@ -383,7 +383,7 @@ mod tests {
     fn with_the_ca_the_pool_secret_is_mounted_and_named_to_the_agent() {
         let mut c = config();
         c.ca = Some(std::sync::Arc::new(
-            crate::tls::AgentCa::generate().unwrap(),
+            crate::tls::Ca::generate("test CA").unwrap(),
         ));
         let t: PodTemplateSpec = serde_json::from_value(serde_json::json!({
             "spec": {"containers": [{"name": "x", "image": "i"}]}
