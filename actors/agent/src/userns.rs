@@ -324,8 +324,9 @@ mod tests {
         std::fs::create_dir_all(dir.join("bin")).unwrap();
         let tool = dir.join("bin/tool");
         std::fs::write(&tool, b"x").unwrap();
-        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        // (chown first: it would clear the bit being tested)
         std::os::unix::fs::lchown(&tool, Some(0), Some(5)).unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).unwrap();
         std::fs::hard_link(&tool, dir.join("bin/alias")).unwrap();
         std::os::unix::fs::symlink("tool", dir.join("bin/link")).unwrap();
         std::os::unix::fs::lchown(dir.join("bin/link"), Some(7), Some(7)).unwrap();
