@@ -261,6 +261,27 @@ impl Handler<Create> for AgentActor {
 
     fn handle(&mut self, msg: Create, ctx: &mut Self::Context) -> Self::Result {
         let Create { req, span } = msg;
+        let runtime = req.spec.runtime.unwrap_or(self.default_runtime);
+        if req.spec.user_namespace && runtime == Runtime::Gvisor {
+            // The spec named no runtime and this agent's default is gVisor; refused
+            // before anything is recorded or created (a spec naming gVisor never
+            // validates).
+            return Box::pin(actix::fut::ready(Err(AgentError::FailedPrecondition(
+                format!(
+                    "spec.userNamespace: user_namespace {} (the agent's default runtime is gvisor)",
+                    fsb_core::spec::USER_NAMESPACE_GVISOR
+                ),
+            ))));
+        }
+        if req.spec.user_namespace && runtime == Runtime::Runc && !req.spec.ports.is_empty() {
+            // Under runc such a sandbox gets a network namespace of its own (see
+            // `sandbox::start`), where the agent's ports do not lead.
+            return Box::pin(actix::fut::ready(Err(AgentError::FailedPrecondition(
+                "spec.exposedPorts: a sandbox with user_namespace under runc 1.1 has a \
+                 network namespace of its own (loopback only): use crun to expose ports"
+                    .into(),
+            ))));
+        }
         let record = SandboxRecord {
             id: req.id.clone(),
             namespace: req.namespace.clone(),
@@ -319,7 +340,6 @@ impl Handler<Create> for AgentActor {
         } else {
             req.name.clone()
         };
-        let runtime = req.spec.runtime.unwrap_or(self.default_runtime);
         let how = self.start_how(&req.id, &req.spec, runtime);
         if how == StartHow::Claim {
             // Replace what was taken.

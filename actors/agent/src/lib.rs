@@ -33,6 +33,9 @@
 //! - [`exec`]: [`exec::exec`] runs a process in a running sandbox through containerd's
 //!   task Exec with agent-made FIFOs, streaming stdout/stderr and the exit code last;
 //!   stdin and tty resize for interactive use.
+//! - [`userns`]: the optional user namespace (`spec.user_namespace`): one fixed id
+//!   mapping per node, and each image's rootfs remapped once (chowned into a committed
+//!   snapshot kept with the image) for sandboxes to prepare from.
 //! - [`warm`]: warm-instance bookkeeping (targets, ready and starting instances,
 //!   claims, refills within start and memory limits) and late binding (the claimed
 //!   process from spec + image; which creates must go cold); pure, unit-tested. The
@@ -62,6 +65,7 @@ pub mod session;
 pub mod state;
 pub mod stats;
 pub mod tls;
+pub mod userns;
 pub mod warm;
 
 pub use actor::{LABEL_PORTS, LABEL_WARM};
@@ -74,3 +78,4 @@ pub use msg::{CreateSandbox, CreatedSandbox};
 pub use oci::{ImageConfig, NetworkMode, SpecInput, build_spec};
 pub use session::{SessionConfig, SessionTask, spawn_session};
 pub use state::{PhaseChange, SandboxPhase, SandboxRecord};
+pub use userns::IdMapping;

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use fsb_core::{SandboxId, ValidSpec, labels, quantity::MilliCpu, spec::Runtime};
 use serde_json::{Value, json};
 
-use crate::{error::AgentError, inject::InjectedMount, seccomp};
+use crate::{error::AgentError, inject::InjectedMount, seccomp, userns::IdMapping};
 
 /// Runtime-spec version we write: the one runc 1.1, crun 1.8 and runsc on our nodes
 /// all report.
@@ -328,6 +328,9 @@ pub struct SpecInput<'a> {
     pub mounts: Vec<InjectedMount>,
     /// Whether the root filesystem is read-only.
     pub read_only_rootfs: bool,
+    /// A user namespace with this mapping (the rootfs must be owned by its host ids,
+    /// see [`crate::userns`]); `None`: the host's.
+    pub user_namespace: Option<IdMapping>,
 }
 
 /// CFS quota in microseconds per [`CPU_PERIOD_US`] for a CPU limit, rounded up to
@@ -436,6 +439,24 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
     }
 
     let mut mounts = default_mounts();
+    if input.user_namespace.is_some() && matches!(input.network, NetworkMode::Join(_)) {
+        // sysfs can only be mounted by the user namespace owning the network
+        // namespace, and a joined one is the host's (runc fails with EPERM; crun falls
+        // back to this itself): the host's /sys, bound read-only (recursively: a user
+        // namespace may not bind a mount without the mounts under it), as runc's
+        // rootless spec does. Its files stay the host's (nobody inside), so root in
+        // the sandbox cannot write them.
+        for m in &mut mounts {
+            if m["destination"] == "/sys" {
+                *m = json!({
+                    "destination": "/sys",
+                    "type": "bind",
+                    "source": "/sys",
+                    "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
+                });
+            }
+        }
+    }
     for m in &input.mounts {
         let source = m.source.to_str().ok_or_else(|| {
             AgentError::InvalidArgument(format!(
@@ -485,6 +506,21 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
     let caps = capabilities(&input.network);
     if input.runtime != Runtime::Gvisor {
         linux["seccomp"] = seccomp::default_profile(&caps);
+    }
+    if let Some(m) = input.user_namespace {
+        if input.runtime == Runtime::Gvisor {
+            // runsc accepts the mappings and ignores them.
+            return Err(AgentError::FailedPrecondition(format!(
+                "spec.userNamespace: user_namespace {}",
+                fsb_core::spec::USER_NAMESPACE_GVISOR
+            )));
+        }
+        let map = json!([{ "containerID": 0, "hostID": m.host, "size": m.size }]);
+        if let Some(namespaces) = linux["namespaces"].as_array_mut() {
+            namespaces.push(json!({ "type": "user" }));
+        }
+        linux["uidMappings"] = map.clone();
+        linux["gidMappings"] = map;
     }
 
     let mut annotations = serde_json::Map::new();
@@ -734,6 +770,7 @@ pub(crate) mod tests {
             user: (1000, 1001),
             mounts: vec![],
             read_only_rootfs: false,
+            user_namespace: None,
         };
         edit(&mut input);
         build_spec(&input)
@@ -941,6 +978,68 @@ pub(crate) mod tests {
         assert!(gvisor["linux"].get("seccomp").is_none(), "runsc ignores it");
         gvisor["linux"]["seccomp"] = runc["linux"]["seccomp"].clone();
         assert_eq!(runc, gvisor);
+    }
+
+    #[test]
+    fn a_user_namespace_maps_root_and_binds_the_hosts_sys_in_a_joined_network_namespace() {
+        let spec = valid_spec(|s| s.user_namespace = true);
+        let plain = build(&spec, &image(), |_| {}).unwrap();
+        assert!(plain["linux"].get("uidMappings").is_none());
+        let m = crate::userns::MAPPING;
+        let doc = build(&spec, &image(), |i| i.user_namespace = Some(m)).unwrap();
+        let namespaces = doc["linux"]["namespaces"].as_array().unwrap();
+        assert!(
+            namespaces.contains(&json!({ "type": "user" })),
+            "{namespaces:?}"
+        );
+        let map = json!([{ "containerID": 0, "hostID": 1u32 << 30, "size": 65536 }]);
+        assert_eq!(doc["linux"]["uidMappings"], map);
+        assert_eq!(doc["linux"]["gidMappings"], map);
+        let sys = |d: &Value| {
+            d["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == "/sys")
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(sys(&doc)["type"], "bind");
+        assert_eq!(
+            sys(&doc)["options"],
+            json!(["rbind", "nosuid", "noexec", "nodev", "ro"])
+        );
+        // A namespace of its own (created inside the user namespace) mounts sysfs.
+        let isolated = build(&spec, &image(), |i| {
+            i.user_namespace = Some(m);
+            i.network = NetworkMode::Isolated;
+        })
+        .unwrap();
+        assert_eq!(sys(&isolated)["type"], "sysfs");
+        // Everything else is the spec without it.
+        let mut stripped = doc.clone();
+        stripped["linux"]
+            .as_object_mut()
+            .unwrap()
+            .remove("uidMappings");
+        stripped["linux"]
+            .as_object_mut()
+            .unwrap()
+            .remove("gidMappings");
+        stripped["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "user");
+        stripped["mounts"] = plain["mounts"].clone();
+        assert_eq!(stripped, plain);
+        // gVisor would ignore the mappings: refused.
+        let err = build(&spec, &image(), |i| {
+            i.user_namespace = Some(m);
+            i.runtime = Runtime::Gvisor;
+        })
+        .unwrap_err();
+        assert!(matches!(err, AgentError::FailedPrecondition(_)), "{err:?}");
+        assert!(err.to_string().contains("user_namespace"), "{err}");
     }
 
     #[test]

@@ -240,6 +240,12 @@ impl ContainerdRuntime {
         }
     }
 
+    /// A directory of the agent's for short-lived mount points (a user namespace's
+    /// remapped image, see [`crate::userns`]).
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.log_dir.join(".scratch")
+    }
+
     /// The stdin FIFO of a warm instance (beside its logs).
     pub fn stdin_fifo(&self, id: &SandboxId) -> PathBuf {
         self.log_dir.join(id.as_str()).join("stdin")

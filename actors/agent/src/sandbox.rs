@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use fsb_core::{
     SandboxId,
-    spec::{SandboxSpec, SpecLimits},
+    spec::{Runtime, SandboxSpec, SpecLimits},
 };
 use tracing::Instrument;
 
@@ -26,7 +26,7 @@ use crate::{
     msg::{CreatedSandbox, Start, StartHow, StartWarm, Stop},
     oci::{self, ImageConfig, NetworkMode, SpecInput},
     runtime::{ContainerPlan, ContainerdRuntime},
-    warm,
+    userns, warm,
 };
 
 /// A started warm instance: its image's config and user, and fsb-init's host pid.
@@ -184,6 +184,31 @@ async fn start(
     let image = images.resolve(&msg.spec.image).await?;
     let image_time = t.elapsed();
 
+    // A user namespace: the rootfs comes from the image remapped to its host ids.
+    let t = Instant::now();
+    let (parent_snapshot, remap_note) = if msg.spec.user_namespace {
+        let (key, made) = userns::remapped_parent(
+            runtime.containerd(),
+            images,
+            &image,
+            userns::MAPPING,
+            &runtime.scratch_dir(),
+        )
+        .await?;
+        (key, made.then_some("image remapped for user namespaces"))
+    } else {
+        (image.chain_id.clone(), None)
+    };
+    let remap_time = t.elapsed();
+
+    let network = if msg.spec.user_namespace && msg.runtime == Runtime::Runc {
+        // runc 1.1 cannot exec into a sandbox whose user namespace does not own its
+        // network namespace (it joins the user namespace first, then setns into the
+        // shared one fails with EPERM; runc#4390, fixed in 1.2): one of its own.
+        NetworkMode::Isolated
+    } else {
+        network
+    };
     let t = Instant::now();
     let (config, user) = image_user(&runtime, &image).await?;
     let spec = oci::build_spec(&SpecInput {
@@ -197,6 +222,7 @@ async fn start(
         user,
         mounts: Vec::new(),
         read_only_rootfs: msg.spec.read_only_rootfs,
+        user_namespace: msg.spec.user_namespace.then_some(userns::MAPPING),
     })?;
     let spec_json = serde_json::to_vec(&spec)
         .map_err(|e| AgentError::Internal(format!("encoding OCI spec: {e}")))?;
@@ -205,7 +231,7 @@ async fn start(
     let plan = ContainerPlan {
         id: id.clone(),
         image: image.name.clone(),
-        parent_snapshot: image.chain_id.clone(),
+        parent_snapshot,
         labels: msg.labels,
         runtime: msg.runtime,
         spec_json,
@@ -214,17 +240,26 @@ async fn start(
     let started = runtime.create(&plan).await?;
     let started_unix_us = unix_us_now();
     let t = started.timings;
+    let mut stages = vec![("image", image_time)];
+    if msg.spec.user_namespace {
+        stages.push(("remap", remap_time));
+    }
+    let note = match remap_note {
+        Some(remap) if note.is_empty() => remap.to_owned(),
+        Some(remap) => format!("{note}; {remap}"),
+        None => note,
+    };
+    stages.extend([
+        ("spec", spec_time),
+        ("snapshot", t.snapshot),
+        ("container", t.container),
+        ("task", t.task),
+        ("start", t.start),
+    ]);
     Ok(CreatedSandbox {
         id,
         pid: started.pid,
-        stages: vec![
-            ("image", image_time),
-            ("spec", spec_time),
-            ("snapshot", t.snapshot),
-            ("container", t.container),
-            ("task", t.task),
-            ("start", t.start),
-        ],
+        stages,
         warm: false,
         note,
         started_unix_us,
@@ -284,6 +319,7 @@ async fn start_warm(
             destination: INIT_PATH.into(),
         }],
         read_only_rootfs: false,
+        user_namespace: None,
     })?;
     let plan = ContainerPlan {
         id: id.clone(),

@@ -258,6 +258,7 @@ pub fn core_spec(
         recovery_timeout_seconds: spec.recovery_timeout_seconds,
         labels: Default::default(),
         read_only_rootfs: spec.read_only_rootfs,
+        user_namespace: spec.user_namespace,
     }
 }
 

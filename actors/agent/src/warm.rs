@@ -38,6 +38,8 @@ pub enum ColdReason {
     Limits,
     /// A read-only root filesystem: instances start with a writable one.
     ReadOnlyRootfs,
+    /// A user namespace: instances run in the host's, on the image's own snapshot.
+    UserNamespace,
 }
 
 impl ColdReason {
@@ -47,6 +49,7 @@ impl ColdReason {
             Self::NoInstance => "cold: no warm instance",
             Self::Limits => "cold: resource limits under gvisor",
             Self::ReadOnlyRootfs => "cold: read-only root filesystem",
+            Self::UserNamespace => "cold: user namespace",
         }
     }
 }
@@ -67,6 +70,8 @@ pub fn key_of(spec: &ValidSpec, default: Runtime) -> WarmKey {
 pub fn claimable(spec: &ValidSpec, runtime: Runtime) -> Result<(), ColdReason> {
     if spec.read_only_rootfs {
         Err(ColdReason::ReadOnlyRootfs)
+    } else if spec.user_namespace {
+        Err(ColdReason::UserNamespace)
     } else if spec.warm_claimable(Some(runtime)) {
         Ok(())
     } else {
@@ -425,6 +430,10 @@ mod tests {
         let ro = valid(|s| s.read_only_rootfs = true);
         for runtime in [Runtime::Runc, Runtime::Crun, Runtime::Gvisor] {
             assert_eq!(claimable(&ro, runtime), Err(ColdReason::ReadOnlyRootfs));
+        }
+        let userns = valid(|s| s.user_namespace = true);
+        for runtime in [Runtime::Runc, Runtime::Crun] {
+            assert_eq!(claimable(&userns, runtime), Err(ColdReason::UserNamespace));
         }
         let k = key_of(&valid(|_| {}), Runtime::Crun);
         assert_eq!(k.runtime, Runtime::Crun);

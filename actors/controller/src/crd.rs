@@ -81,6 +81,10 @@ pub struct SandboxSpec {
     /// Mount the image's root filesystem read-only (writes fail with EROFS).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only_rootfs: bool,
+    /// Run in a user namespace of its own, so root inside is not root on the node
+    /// (like a pod's `hostUsers: false`); runc and crun only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user_namespace: bool,
 }
 
 fn default_recovery_timeout() -> u32 {

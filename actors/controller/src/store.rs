@@ -396,6 +396,7 @@ pub fn valid_spec(
         recovery_timeout_seconds: s.recovery_timeout_seconds,
         labels: user_labels(labels),
         read_only_rootfs: s.read_only_rootfs,
+        user_namespace: s.user_namespace,
     }
     .validate(limits)
 }
@@ -436,6 +437,7 @@ pub fn crd_spec(r: &StoredSandbox) -> SandboxSpec {
             spec::Runtime::Gvisor => RuntimeName::Gvisor,
         }),
         read_only_rootfs: s.read_only_rootfs,
+        user_namespace: s.user_namespace,
     }
 }
 

@@ -214,6 +214,9 @@ pub struct SandboxSpec {
     pub labels: BTreeMap<String, String>,
     /// Mount the root filesystem read-only.
     pub read_only_rootfs: bool,
+    /// Run the sandbox in a user namespace of its own: its root is not the host's
+    /// root (Kubernetes' `spec.hostUsers: false`). runc and crun only.
+    pub user_namespace: bool,
 }
 
 /// Bounds on what one spec may carry; hostile input stops here.
@@ -255,6 +258,13 @@ impl Default for SpecLimits {
         }
     }
 }
+
+/// Why a user namespace is refused under gVisor (the agent says the same when gVisor is
+/// its default runtime): runsc accepts the spec's mappings and ignores them (inside,
+/// `/proc/self/uid_map` reads `0 0 4294967295`), and its sandbox already runs under
+/// its own kernel, the Sentry, whose uids are not host uids.
+pub const USER_NAMESPACE_GVISOR: &str = "is not supported with runtime gvisor (runsc ignores \
+     the mappings; gVisor already runs the sandbox under its own kernel): use runc or crun";
 
 /// Default for [`SandboxSpec::recovery_timeout_seconds`].
 pub const DEFAULT_RECOVERY_TIMEOUT_SECONDS: u32 = 60;
@@ -298,6 +308,10 @@ pub struct ValidSpec {
     /// the stored form of every spec without it are what they were.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only_rootfs: bool,
+    /// A user namespace of its own (container root is an unprivileged host uid). Left
+    /// out of the JSON when false, like `read_only_rootfs`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user_namespace: bool,
 }
 
 impl ValidSpec {
@@ -321,9 +335,10 @@ impl ValidSpec {
     /// sandbox so far, so under gVisor a limited spec goes cold. With the runtime
     /// unknown the registry assumes yes and the agent decides.
     pub fn warm_claimable(&self, runtime: Option<Runtime>) -> bool {
-        // A warm instance's root filesystem was mounted writable when it started.
+        // A warm instance's root filesystem was mounted writable when it started, in
+        // the host's user namespace.
         let limits_refused = self.limited() && runtime == Some(Runtime::Gvisor);
-        !(self.read_only_rootfs || limits_refused)
+        !(self.read_only_rootfs || self.user_namespace || limits_refused)
     }
 }
 
@@ -388,6 +403,12 @@ impl SandboxSpec {
             "" => None,
             r => Some(Runtime::parse("spec.runtime", r)?),
         };
+        if self.user_namespace && runtime == Some(Runtime::Gvisor) {
+            return Err(SpecError::new(
+                "spec.userNamespace",
+                format!("user_namespace {USER_NAMESPACE_GVISOR}"),
+            ));
+        }
         let failure_policy = FailurePolicy::parse("spec.failurePolicy", &self.failure_policy)?;
         let recovery_timeout_seconds = match self.recovery_timeout_seconds {
             0 => DEFAULT_RECOVERY_TIMEOUT_SECONDS,
@@ -413,6 +434,7 @@ impl SandboxSpec {
             recovery_timeout_seconds,
             labels,
             read_only_rootfs: self.read_only_rootfs,
+            user_namespace: self.user_namespace,
         })
     }
 }
@@ -669,6 +691,7 @@ mod tests {
             recovery_timeout_seconds: 0,
             labels: [("app".to_string(), "demo".to_string())].into(),
             read_only_rootfs: false,
+            user_namespace: false,
         }
     }
 
@@ -852,5 +875,29 @@ mod tests {
         assert!(!ro.warm_claimable(None));
         let back: ValidSpec = serde_json::from_value(serde_json::to_value(&ro).unwrap()).unwrap();
         assert_eq!(back, ro);
+    }
+
+    #[test]
+    fn a_user_namespace_is_kept_goes_cold_is_refused_under_gvisor_and_leaves_other_digests_alone() {
+        let plain = valid().validate(&SpecLimits::default()).unwrap();
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("user_namespace").is_none(), "false is left out");
+        let mut spec = valid();
+        spec.user_namespace = true;
+        let userns = spec.validate(&SpecLimits::default()).unwrap();
+        assert!(userns.user_namespace);
+        assert_ne!(userns.digest(), plain.digest());
+        assert!(!userns.warm_claimable(Some(Runtime::Runc)));
+        assert!(!userns.warm_claimable(None));
+        let back: ValidSpec =
+            serde_json::from_value(serde_json::to_value(&userns).unwrap()).unwrap();
+        assert_eq!(back, userns);
+        spec.runtime = "gvisor".into();
+        let err = spec.validate(&SpecLimits::default()).unwrap_err();
+        assert_eq!(err.field(), "spec.userNamespace");
+        assert!(err.to_string().contains("user_namespace"), "{err}");
+        assert!(err.to_string().contains("gvisor"), "{err}");
+        spec.runtime = "crun".into();
+        assert!(spec.validate(&SpecLimits::default()).is_ok());
     }
 }

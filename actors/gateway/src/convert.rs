@@ -98,6 +98,7 @@ pub fn spec(s: &ValidSpec, expire_time_ms: Option<i64>, reset_revision: i64) -> 
         expire_time: expire_time_ms.map(timestamp),
         reset_revision,
         read_only_rootfs: s.read_only_rootfs,
+        user_namespace: s.user_namespace,
     }
 }
 

@@ -1887,6 +1887,7 @@ fn adopt(
         labels: BTreeMap::new(),
         // Adopted: what the container was made with is not known here.
         read_only_rootfs: false,
+        user_namespace: false,
     };
     let (phase, exit_code) = match c.phase {
         SandboxPhase::Succeeded => (Phase::Succeeded, c.exit_code),

@@ -592,6 +592,7 @@ impl RawPath {
             user: (0, 0),
             mounts: Vec::new(),
             read_only_rootfs: false,
+            user_namespace: None,
         })
         .map_err(BenchError::raw("build spec"))?;
         serde_json::to_vec(&doc).map_err(|e| BenchError::Config(format!("spec json: {e}")))

@@ -238,6 +238,10 @@ pub(crate) struct RunArgs {
     /// Mount the image's root filesystem read-only (always a cold start).
     #[arg(long)]
     pub(crate) read_only_rootfs: bool,
+    /// Run in a user namespace of its own: root inside is not root on the host
+    /// (runc and crun; always a cold start).
+    #[arg(long)]
+    pub(crate) userns: bool,
     /// Port the sandbox listens on (repeatable).
     #[arg(long = "port", short = 'p', value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub(crate) ports: Vec<u32>,

@@ -84,6 +84,8 @@ pub(crate) struct SpecDoc {
     pub(crate) reset_revision: Option<i64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) read_only_rootfs: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) user_namespace: bool,
 }
 
 /// `spec.envs[]`.
@@ -383,6 +385,7 @@ impl From<&fp::SandboxSpec> for SpecDoc {
             expire_time: rfc3339(s.expire_time.as_ref()),
             reset_revision: Some(s.reset_revision).filter(|v| *v != 0),
             read_only_rootfs: s.read_only_rootfs,
+            user_namespace: s.user_namespace,
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct ResolvedImage {
     pub manifest_digest: String,
     /// The OCI image config document.
     pub config_json: Vec<u8>,
+    /// Its digest (the blob whose GC labels keep the image's snapshots).
+    pub config_digest: String,
     /// Chain id of the rootfs (the parent of a container's snapshot).
     pub chain_id: String,
     /// Config plus layer blob sizes, in bytes.
@@ -366,6 +368,30 @@ impl ImageStore {
         Ok(())
     }
 
+    /// Keep committed snapshot `key` (derived from `image`'s rootfs, e.g. remapped
+    /// for a user namespace) for as long as the image: a GC reference label named
+    /// `name` on its config blob, beside the one that keeps its rootfs. Removing the
+    /// image lets containerd's garbage collector take the snapshot too (once no
+    /// sandbox's snapshot has it as parent).
+    pub async fn keep_with_image(
+        &self,
+        image: &ResolvedImage,
+        name: &str,
+        key: &str,
+    ) -> Result<(), AgentError> {
+        let label = format!(
+            "{}{}/{name}",
+            unpack::LABEL_GC_SNAPSHOT_PREFIX,
+            self.snapshotter
+        );
+        content::set_labels(
+            &self.ctrd,
+            &image.config_digest,
+            [(label, key.to_owned())].into(),
+        )
+        .await
+    }
+
     // --- internals ------------------------------------------------------------------
 
     async fn get_image(&self, name: &str) -> Result<Image, AgentError> {
@@ -427,6 +453,7 @@ impl ImageStore {
             name: name.to_owned(),
             manifest_digest: manifest_desc.digest.clone(),
             config_json,
+            config_digest: manifest.config.digest.clone(),
             chain_id,
             size: image_size(&manifest),
         });

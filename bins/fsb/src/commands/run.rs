@@ -225,6 +225,7 @@ pub(crate) fn build_request(
         expire_time,
         reset_revision: 0,
         read_only_rootfs: args.read_only_rootfs || m.spec.read_only_rootfs,
+        user_namespace: args.userns || m.spec.user_namespace,
     };
     let ttl = args
         .ttl
