@@ -204,6 +204,7 @@ impl Fixture {
             user: (0, 0),
             mounts: Vec::new(),
             read_only_rootfs: false,
+            drop_capabilities: Default::default(),
         })?;
         let spec_json = serde_json::to_vec(&doc)?;
         let build = t.elapsed();

@@ -586,6 +586,7 @@ impl RawPath {
             user: (0, 0),
             mounts: Vec::new(),
             read_only_rootfs: false,
+            drop_capabilities: Default::default(),
         })
         .map_err(BenchError::raw("build spec"))?;
         serde_json::to_vec(&doc).map_err(|e| BenchError::Config(format!("spec json: {e}")))
