@@ -48,14 +48,18 @@ impl Sandbox {
         runtime: Runtime,
         edit: impl FnOnce(&mut SandboxSpec),
     ) -> Self {
-        Self::start_how(agent, env, runtime, edit).await.0
+        Self::start_how(agent, env, runtime, SandboxId::generate(), edit)
+            .await
+            .0
     }
 
-    /// [`Sandbox::start`], also saying whether a warm instance served the create.
+    /// [`Sandbox::start`] under `id` (a warm instance's id claims it, as the registry
+    /// does), also saying whether a warm instance served the create.
     async fn start_how(
         agent: &AgentHandle,
         env: &ContainerdEnv,
         runtime: Runtime,
+        id: SandboxId,
         edit: impl FnOnce(&mut SandboxSpec),
     ) -> (Self, bool) {
         let mut spec = SandboxSpec {
@@ -68,7 +72,6 @@ impl Sandbox {
         };
         edit(&mut spec);
         let spec = spec.validate(&SpecLimits::default()).unwrap();
-        let id = SandboxId::generate();
         let created = agent
             .create(CreateSandbox {
                 id: id.clone(),
@@ -623,7 +626,17 @@ async fn a_pool_drop_list_takes_capabilities_from_cold_and_warm_sandboxes() {
         // A create takes the warm instance; one with a read-only root filesystem is
         // always cold.
         for cold in [false, true] {
-            let (sbx, warm) = Sandbox::start_how(&reduced, &env, runtime, |s| {
+            let id = if cold {
+                SandboxId::generate()
+            } else {
+                let ready = reduced.warm_instances().await.unwrap();
+                ready
+                    .into_iter()
+                    .find(|(k, _)| k.runtime == runtime)
+                    .unwrap_or_else(|| panic!("{runtime:?}: no warm instance"))
+                    .1
+            };
+            let (sbx, warm) = Sandbox::start_how(&reduced, &env, runtime, id, |s| {
                 caps_main(s);
                 s.read_only_rootfs = cold;
             })

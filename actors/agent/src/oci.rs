@@ -54,6 +54,8 @@ pub const DEFAULT_PIDS_LIMIT: u32 = 4096;
 /// Sentry that cannot make a thread dies (Go `fatal error: newosproc`): the rlimit must
 /// be reached first, as a clean `EAGAIN`.
 pub const GVISOR_DEFAULT_NPROC: u32 = 256;
+// The rlimit comes first: the Sentry needs ~40 + 9 per process of the default cgroup.
+const _: () = assert!(40 + 9 * GVISOR_DEFAULT_NPROC < DEFAULT_PIDS_LIMIT);
 /// Under gVisor, host pids allowed per sandbox process in the cgroup (see
 /// [`GVISOR_DEFAULT_NPROC`]); never below [`DEFAULT_PIDS_LIMIT`].
 pub const GVISOR_HOST_PIDS_PER_PROCESS: u32 = 16;
@@ -966,8 +968,6 @@ pub(crate) mod tests {
         );
         let large = valid_spec(|s| s.resources.pids = 1000);
         assert_eq!(host_pids(&gvisor(&large)), json!(16_000));
-        // The rlimit comes first: the Sentry needs ~40 + 9 per process of the cgroup.
-        assert!(40 + 9 * GVISOR_DEFAULT_NPROC < DEFAULT_PIDS_LIMIT);
         for runtime in [Runtime::Runc, Runtime::Crun] {
             let doc = build(&limited, &image(), |i| i.runtime = runtime).unwrap();
             assert_eq!(nproc(&doc), None, "{runtime:?}: host-wide per uid there");
