@@ -205,6 +205,7 @@ impl Fixture {
             mounts: Vec::new(),
             read_only_rootfs: false,
             user_namespace: None,
+            drop_capabilities: Default::default(),
         })?;
         let spec_json = serde_json::to_vec(&doc)?;
         let build = t.elapsed();

@@ -46,6 +46,7 @@ pub fn agent_config(env: &ContainerdEnv, agent: &str, capacity: u32) -> AgentCon
         log_max_bytes: DEFAULT_LOG_MAX_BYTES,
         log_retention: Duration::ZERO,
         warm: fsb_agent::warm::WarmConfig::default(),
+        drop_capabilities: Default::default(),
     }
 }
 

@@ -122,6 +122,7 @@ pub async fn pool(
             runtime: RuntimeName::Runc,
             warm_images: Vec::new(),
             agent_template: None,
+            sandbox_security: None,
         },
     );
     Ok(api.create(&PostParams::default(), &pool).await?)

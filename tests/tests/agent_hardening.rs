@@ -15,13 +15,15 @@ use std::time::Duration;
 use fsb_agent::{
     AgentHandle, CreateSandbox,
     exec::{ExecRequest, exec},
-    oci::DEFAULT_PIDS_LIMIT,
+    oci::{DEFAULT_PIDS_LIMIT, GVISOR_DEFAULT_NPROC},
+    warm::WarmConfig,
 };
 use fsb_core::{
     SandboxId,
+    capability::{self, CapabilityDrop},
     spec::{Runtime, SandboxSpec, SpecLimits},
 };
-use fsb_tests::{ContainerdEnv, ExecResult};
+use fsb_tests::{ContainerdEnv, ExecResult, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const ALL: [Runtime; 3] = [Runtime::Runc, Runtime::Crun, Runtime::Gvisor];
@@ -49,6 +51,20 @@ impl Sandbox {
         runtime: Runtime,
         edit: impl FnOnce(&mut SandboxSpec),
     ) -> Self {
+        Self::start_how(agent, env, runtime, SandboxId::generate(), edit)
+            .await
+            .0
+    }
+
+    /// [`Sandbox::start`] under `id` (a warm instance's id claims it, as the registry
+    /// does), also saying whether a warm instance served the create.
+    async fn start_how(
+        agent: &AgentHandle,
+        env: &ContainerdEnv,
+        runtime: Runtime,
+        id: SandboxId,
+        edit: impl FnOnce(&mut SandboxSpec),
+    ) -> (Self, bool) {
         let mut spec = SandboxSpec {
             namespace: "tenant-a".into(),
             pool_ref: "default".into(),
@@ -59,7 +75,6 @@ impl Sandbox {
         };
         edit(&mut spec);
         let spec = spec.validate(&SpecLimits::default()).unwrap();
-        let id = SandboxId::generate();
         let created = agent
             .create(CreateSandbox {
                 id: id.clone(),
@@ -71,14 +86,18 @@ impl Sandbox {
             })
             .await
             .unwrap_or_else(|e| panic!("{runtime:?}: create: {e}"));
-        Self {
-            agent: agent.clone(),
-            id,
-            runtime,
-            pid: created.pid,
-            stages: created.stages,
-            note: created.note,
-        }
+        let warm = created.warm;
+        (
+            Self {
+                agent: agent.clone(),
+                id,
+                runtime,
+                pid: created.pid,
+                stages: created.stages,
+                note: created.note,
+            },
+            warm,
+        )
     }
 
     /// Run `sh -c script` in the sandbox and wait for its end; it must exit (not fail
@@ -352,7 +371,7 @@ async fn a_sandbox_cannot_exceed_its_pids_limit() {
     let agent = agent(&env, "agent-hardening-pids").await;
     const LIMIT: u32 = 16;
     // Not gVisor: there the cgroup holds the Sentry's host threads, not the sandbox's
-    // processes (which the Sentry runs itself), and 16 pids do not even start it.
+    // processes (which the Sentry runs itself); see the gVisor test below.
     for runtime in [Runtime::Runc, Runtime::Crun] {
         // A default sandbox has a limit.
         let plain = Sandbox::start(&agent, &env, runtime, |_| {}).await;
@@ -868,5 +887,183 @@ async fn user_namespace_cold_create_cost() {
             u.2.as_secs_f64() * 1e3,
             u.0.as_secs_f64() / p.0.as_secs_f64()
         );
+    }
+}
+
+/// Prints the probe's effective and bounding capabilities, the main process's
+/// effective ones (written at its start by [`CAPS_MAIN`]), and chown's result.
+const CAP_PROBE: &str =
+    "sed -n 's/^CapEff:[[:space:]]*/eff=/p; s/^CapBnd:[[:space:]]*/bnd=/p' /proc/self/status
+sed -n 's/^CapEff:[[:space:]]*/main=/p' /dev/shm/main-caps
+touch /dev/shm/owned && chown 1:1 /dev/shm/owned; echo chown=$?";
+
+/// The sandbox's main process: keeps its own /proc status (in /dev/shm, writable even
+/// with a read-only root filesystem), then sleeps.
+const CAPS_MAIN: &str = "cat /proc/self/status > /dev/shm/main-caps; exec sleep 86400";
+
+fn caps_main(s: &mut SandboxSpec) {
+    s.command = vec!["sh".into(), "-c".into(), CAPS_MAIN.into()];
+}
+
+/// A capability mask (hex, as /proc prints it) has the bit of `cap` (`CAP_*`).
+fn has(mask: &str, cap: &str) -> bool {
+    let mask = u64::from_str_radix(mask, 16).unwrap_or_else(|e| panic!("{mask:?}: {e}"));
+    mask & (1 << capability::bit(cap).unwrap()) != 0
+}
+
+/// The probe's masks once the main process has written its status.
+async fn cap_probe(sbx: &Sandbox) -> Probe {
+    wait_until("the main process's status", DEADLINE, || async {
+        let p = sbx.sh(CAP_PROBE).await;
+        Ok(p.stdout.contains("main=").then_some(p))
+    })
+    .await
+    .unwrap()
+}
+
+const DROPPED: [&str; 2] = ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"];
+
+#[actix_rt::test]
+async fn a_pool_drop_list_takes_capabilities_from_cold_and_warm_sandboxes() {
+    let env = ContainerdEnv::from_env();
+    let plain = agent(&env, "agent-hardening-caps-default").await;
+    // Names as users write them; the agent's flag and the pool's field parse the same way.
+    let drop = CapabilityDrop::parse(["chown", "NET_BIND_SERVICE"]).unwrap();
+    let mut config = fsb_tests::agent_config(&env, "agent-hardening-caps-drop", 10);
+    config.drop_capabilities = drop.clone();
+    // One warm instance per runtime, made ahead of time under the same policy.
+    config.warm = WarmConfig {
+        targets: ALL
+            .iter()
+            .map(|r| WarmConfig::parse_target(&format!("{}=1", env.image), *r).unwrap())
+            .collect(),
+        init: Some(std::env::var("FSB_INIT_BIN").unwrap().into()),
+        ..WarmConfig::default()
+    };
+    let reduced = AgentHandle::start(config).await.unwrap();
+    wait_until("a warm instance per runtime", DEADLINE, || async {
+        Ok((reduced.warm_instances().await?.len() == ALL.len()).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    for runtime in ALL {
+        // Control: a default agent's sandbox has them, and chown works as root.
+        let sbx = Sandbox::start(&plain, &env, runtime, caps_main).await;
+        let p = cap_probe(&sbx).await;
+        for cap in DROPPED.into_iter().chain(["CAP_KILL"]) {
+            for key in ["eff", "bnd", "main"] {
+                assert!(
+                    has(p.value(key), cap),
+                    "{runtime:?} default {key} {cap}: {p:#?}"
+                );
+            }
+        }
+        assert_eq!(p.value("chown"), "0", "{runtime:?}: {p:#?}");
+        sbx.remove().await;
+
+        // A create takes the warm instance; one with a read-only root filesystem is
+        // always cold.
+        for cold in [false, true] {
+            let id = if cold {
+                SandboxId::generate()
+            } else {
+                let ready = reduced.warm_instances().await.unwrap();
+                ready
+                    .into_iter()
+                    .find(|(k, _)| k.runtime == runtime)
+                    .unwrap_or_else(|| panic!("{runtime:?}: no warm instance"))
+                    .1
+            };
+            let (sbx, warm) = Sandbox::start_how(&reduced, &env, runtime, id, |s| {
+                caps_main(s);
+                s.read_only_rootfs = cold;
+            })
+            .await;
+            assert_eq!(warm, !cold, "{runtime:?}");
+            let how = if warm { "warm" } else { "cold" };
+            let p = cap_probe(&sbx).await;
+            for key in ["eff", "bnd", "main"] {
+                for cap in DROPPED {
+                    assert!(
+                        !has(p.value(key), cap),
+                        "{runtime:?} {how} {key} has {cap}: {p:#?}"
+                    );
+                }
+                // Only those: the rest of the default set is still there.
+                assert!(
+                    has(p.value(key), "CAP_KILL"),
+                    "{runtime:?} {how} {key}: {p:#?}"
+                );
+                assert!(
+                    has(p.value(key), "CAP_SETUID"),
+                    "{runtime:?} {how} {key}: {p:#?}"
+                );
+            }
+            assert_eq!(p.value("chown"), "1", "{runtime:?} {how}: {p:#?}");
+            assert!(
+                p.stderr.contains("Operation not permitted"),
+                "{runtime:?} {how}: chown fails with EPERM: {p:#?}"
+            );
+            sbx.remove().await;
+        }
+    }
+    reduced.stop_warm().await.unwrap();
+}
+
+/// Starts up to 400 background sleeps, printing the count after each, until a fork
+/// fails; then says the shell is still alive.
+const FORK_400: &str = "n=0
+while [ $n -lt 400 ]; do sleep 86400 >/dev/null 2>&1 & n=$((n+1)); echo started=$n; done
+echo alive";
+
+#[actix_rt::test]
+async fn a_gvisor_sandbox_cannot_fork_past_its_process_limit() {
+    let env = ContainerdEnv::from_env();
+    let agent = agent(&env, "agent-hardening-gvisor-nproc").await;
+    // A default sandbox, then a small limit that the host cgroup alone could not even
+    // start the Sentry under.
+    for (pids, limit) in [(None, GVISOR_DEFAULT_NPROC), (Some(16), 16)] {
+        let sbx = Sandbox::start(&agent, &env, Runtime::Gvisor, |s| {
+            if let Some(p) = pids {
+                s.resources.pids = p;
+            }
+        })
+        .await;
+        let p = sbx.sh(FORK_400).await;
+        let started: u32 = p
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("started="))
+            .next_back()
+            .map_or(0, |n| n.parse().unwrap());
+        assert!(
+            p.stderr.contains("can't fork") && p.stderr.contains("Resource temporarily"),
+            "limit {limit}: the Sentry refused a fork: {p:#?}"
+        );
+        // The sandbox's main process and the probe's shell count too.
+        assert!(
+            (limit / 2..=limit - 2).contains(&started),
+            "{started} sleeps started under a limit of {limit}: {p:#?}"
+        );
+        // The Sentry survived: the sandbox still answers, the host cgroup kept room.
+        let again = sbx.sh("echo alive").await;
+        assert_eq!(again.stdout.trim(), "alive", "limit {limit}: {again:#?}");
+        let cgroup = |file: &str| {
+            fsb_tests::sandbox_cgroup_value("pids", file, file, &sbx.id)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        };
+        assert_eq!(cgroup("pids.max"), DEFAULT_PIDS_LIMIT.to_string());
+        let current: u32 = cgroup("pids.current").parse().unwrap();
+        assert!(current < DEFAULT_PIDS_LIMIT, "pids.current {current}");
+        assert_eq!(
+            cgroup("pids.events"),
+            "max 0",
+            "the host cgroup never refused"
+        );
+        // And the host can still fork.
+        let host = std::process::Command::new("true").status().unwrap();
+        assert!(host.success());
+        sbx.remove().await;
     }
 }

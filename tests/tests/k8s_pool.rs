@@ -12,7 +12,9 @@
 //! answering gRPC health; demand grows the pool (1 -> 2 pods, the reference scenario)
 //! and is capped at poolMax with ScalingLimited; scale-down drains idle agents before
 //! deleting them and never touches a busy one; a killed pod is replaced; a template
-//! change brings up new Ready pods before old idle ones go; a deleted pool's pods go.
+//! change brings up new Ready pods before old idle ones go; a deleted pool's pods go;
+//! a pool's capability drop list reaches its agents (and their sandboxes), and unknown
+//! or added capabilities are refused by the API server naming the field.
 
 #![cfg(feature = "k8s")]
 #![allow(clippy::unwrap_used)] // test code
@@ -22,7 +24,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fsb_controller::crd::{PoolCapacity, RuntimeName, SandboxPool, SandboxPoolSpec};
+use fsb_controller::crd::{
+    CapabilityPolicy, PoolCapacity, RuntimeName, SandboxPool, SandboxPoolSpec, SandboxSecurity,
+};
 use fsb_controller::pool::{
     self, AgentLoad, AgentUsage, POD_TEMPLATE_HASH_ANNOTATION, PoolConfig, PoolTrigger,
 };
@@ -231,6 +235,18 @@ impl World {
     }
 
     async fn create_pool(&self, name: &str, capacity: PoolCapacity, per_pod: u32) {
+        self.try_create_pool(name, capacity, per_pod, None)
+            .await
+            .unwrap();
+    }
+
+    async fn try_create_pool(
+        &self,
+        name: &str,
+        capacity: PoolCapacity,
+        per_pod: u32,
+        sandbox_security: Option<SandboxSecurity>,
+    ) -> kube::Result<SandboxPool> {
         let pool = SandboxPool::new(
             name,
             SandboxPoolSpec {
@@ -239,12 +255,10 @@ impl World {
                 runtime: RuntimeName::Runc,
                 warm_images: vec![],
                 agent_template: None,
+                sandbox_security,
             },
         );
-        self.pools
-            .create(&PostParams::default(), &pool)
-            .await
-            .unwrap();
+        self.pools.create(&PostParams::default(), &pool).await
     }
 
     /// Pods of `pool` that are not being deleted.
@@ -584,4 +598,156 @@ async fn a_template_the_api_server_refuses_is_reported_in_the_ready_condition() 
                 .contains("Not_A_Label")
     })
     .await;
+}
+
+fn security(drop: &[&str], add: &[&str]) -> Option<SandboxSecurity> {
+    Some(SandboxSecurity {
+        capabilities: Some(CapabilityPolicy {
+            drop: drop.iter().map(|s| s.to_string()).collect(),
+            add: add.iter().map(|s| s.to_string()).collect(),
+        }),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_capability_drop_list_reaches_its_agents_and_bad_names_are_refused() {
+    use fsb_proto::agent::v1::{
+        CreateSandboxRequest, ExecRequest, ExecStart, agent_client::AgentClient, exec_request,
+    };
+    use fsb_proto::fastpath::v1::{SandboxSpec, exec_response};
+
+    let w = World::new("pool-caps", 1).await;
+    // The API server refuses an unknown name and any addition, naming the field.
+    for (sec, field, says) in [
+        (
+            security(&["CHOWN", "NOT_A_CAP"], &[]),
+            "spec.sandboxSecurity.capabilities.drop[1]",
+            "NOT_A_CAP",
+        ),
+        (
+            security(&[], &["SYS_ADMIN"]),
+            "spec.sandboxSecurity.capabilities.add",
+            "only drop is supported",
+        ),
+    ] {
+        let err = w
+            .try_create_pool("bad", capacity(0, 1, 0, 0), 1, sec)
+            .await
+            .unwrap_err();
+        let kube::Error::Api(resp) = err else {
+            panic!("not an API error: {err}")
+        };
+        assert_eq!(resp.code, 422, "{resp:?}");
+        assert!(
+            resp.message.contains(field) && resp.message.contains(says),
+            "{}",
+            resp.message
+        );
+    }
+    assert!(w.pools.get_opt("bad").await.unwrap().is_none());
+
+    // Names as Kubernetes users write them, any case.
+    w.try_create_pool(
+        "caps",
+        capacity(1, 1, 0, 0),
+        1,
+        security(&["chown", "NET_BIND_SERVICE", "Cap_Chown"], &[]),
+    )
+    .await
+    .unwrap();
+    let pods = w.wait_ready("caps", 1).await;
+    let env = pods[0].spec.as_ref().unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let drop = env
+        .iter()
+        .find(|e| e.name == pool::pod::DROP_CAPABILITIES_ENV)
+        .and_then(|e| e.value.clone());
+    assert_eq!(drop.as_deref(), Some("CAP_CHOWN,CAP_NET_BIND_SERVICE"));
+
+    // The real agent of that pod applies it to the sandboxes it creates.
+    let uid = pods[0].uid().unwrap();
+    let agent = w
+        .kubelet
+        .running()
+        .into_iter()
+        .find(|r| r.uid == uid)
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}:{}",
+        fsb_tests::kubelet::POD_IP,
+        agent.port
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut client = AgentClient::new(channel);
+    let id = fsb_core::SandboxId::generate().to_string();
+    client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: id.clone(),
+            namespace: w.ns.clone(),
+            name: "caps".into(),
+            spec: Some(SandboxSpec {
+                pool_ref: "caps".into(),
+                image: fsb_tests::ContainerdEnv::from_env().image,
+                command: vec!["sleep".into(), "600".into()],
+                ..SandboxSpec::default()
+            }),
+            ..CreateSandboxRequest::default()
+        })
+        .await
+        .unwrap();
+    let start = ExecRequest {
+        msg: Some(exec_request::Msg::Start(ExecStart {
+            sandbox_id: id.clone(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "sed -n 's/^CapEff:[[:space:]]*/eff=/p' /proc/self/status; \
+                 touch /tmp/o && chown 1 /tmp/o; echo chown=$?"
+                    .into(),
+            ],
+            ..ExecStart::default()
+        })),
+    };
+    let mut out = client
+        .exec(tokio_stream::iter([start]))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    while let Some(msg) = out.message().await.unwrap() {
+        match msg.msg {
+            Some(exec_response::Msg::Stdout(b)) => stdout.extend(b),
+            Some(exec_response::Msg::Stderr(b)) => stderr.extend(b),
+            _ => {}
+        }
+    }
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr),
+    );
+    let eff = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("eff="))
+        .unwrap_or_else(|| panic!("no eff= in {stdout:?} {stderr:?}"));
+    let eff = u64::from_str_radix(eff, 16).unwrap();
+    let bit = |c: &str| 1u64 << fsb_core::capability::bit(c).unwrap();
+    assert_eq!(eff & bit("CAP_CHOWN"), 0, "{stdout}");
+    assert_eq!(eff & bit("CAP_NET_BIND_SERVICE"), 0, "{stdout}");
+    assert_ne!(eff & bit("CAP_KILL"), 0, "the rest stays: {stdout}");
+    assert!(
+        stdout.contains("chown=1") && stderr.contains("Operation not permitted"),
+        "{stdout} {stderr}"
+    );
+    client
+        .delete_sandbox(fsb_proto::agent::v1::DeleteSandboxRequest {
+            sandbox_id: id,
+            grace_period_seconds: Some(0),
+        })
+        .await
+        .unwrap();
 }

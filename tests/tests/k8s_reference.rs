@@ -575,6 +575,7 @@ async fn reference_pool_grows_from_one_to_two_pods_and_back() -> Result<()> {
         runtime: RuntimeName::Runc,
         warm_images: Vec::new(),
         agent_template: None,
+        sandbox_security: None,
     };
     pools
         .create(&PostParams::default(), &SandboxPool::new("p", spec))

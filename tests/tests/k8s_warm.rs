@@ -55,6 +55,7 @@ async fn a_pools_warm_images_are_kept_ready_counted_and_taken_by_creates() -> Re
                         count: WARM,
                     }],
                     agent_template: None,
+                    sandbox_security: None,
                 },
             ),
         )

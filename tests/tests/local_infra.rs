@@ -269,6 +269,7 @@ async fn kept_sandboxes_survive_a_private_containerd_restart() {
             log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
             log_retention: Duration::ZERO,
             warm: fsb_agent::warm::WarmConfig::default(),
+            drop_capabilities: Default::default(),
         };
 
     let first = ensure_containerd(&data, None, None).await.unwrap();

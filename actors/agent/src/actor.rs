@@ -13,6 +13,7 @@ use actix::{
 };
 use fsb_core::{
     AgentId, HostPort, SandboxId,
+    capability::CapabilityDrop,
     labels::{
         LABEL_AGENT_UID, LABEL_CLAIM_UID, LABEL_NAMESPACE, LABEL_REQUEST_ID, LABEL_SANDBOX_NAME,
     },
@@ -40,6 +41,9 @@ pub const LABEL_PORTS: &str = "fast-sandbox.io/ports";
 /// it (and sets the sandbox's labels), so a restarted agent tells instances from
 /// sandboxes by it.
 pub const LABEL_WARM: &str = "fast-sandbox.io/warm";
+/// On a warm instance: the capabilities its agent dropped ([`CapabilityDrop::to_arg`];
+/// absent when none). A restarted agent adopts only instances made under its own policy.
+pub const LABEL_WARM_DROP: &str = "fast-sandbox.io/warm-drop-capabilities";
 /// How often the warm levels are topped up (a claim also triggers a refill).
 const REFILL_INTERVAL: Duration = Duration::from_millis(250);
 /// Refills yield to claims (see [`crate::warm`]) until none has come for this long.
@@ -54,6 +58,7 @@ pub(crate) struct AgentActor {
     runtime: ContainerdRuntime,
     images: Arc<ImageStore>,
     network: NetworkMode,
+    drop_capabilities: CapabilityDrop,
     default_runtime: Runtime,
     stop_grace: Duration,
     children: HashMap<SandboxId, Addr<SandboxActor>>,
@@ -95,6 +100,7 @@ pub(crate) struct AgentParts {
     pub(crate) stop_grace: Duration,
     pub(crate) observed: Vec<ObservedSandbox>,
     pub(crate) warm: WarmConfig,
+    pub(crate) drop_capabilities: CapabilityDrop,
 }
 
 impl AgentActor {
@@ -113,7 +119,13 @@ impl AgentActor {
                     }
                     sandboxes.push(record_of(o));
                 }
-                Some(Some(key)) if o.state == TaskState::Running && warm.wanted(&key) => {
+                // Made under another capability policy (an agent restarted with a new
+                // one): its PID 1 holds capabilities this agent would not give.
+                Some(Some(key))
+                    if o.state == TaskState::Running
+                        && warm.wanted(&key)
+                        && made_under(&o.labels, &parts.drop_capabilities) =>
+                {
                     warm.adopt(o.id, key);
                 }
                 Some(_) => discard.push(o.id),
@@ -129,6 +141,7 @@ impl AgentActor {
             runtime: parts.runtime,
             images: parts.images,
             network: parts.network,
+            drop_capabilities: parts.drop_capabilities,
             default_runtime: parts.default_runtime,
             stop_grace: parts.stop_grace,
             children: HashMap::new(),
@@ -147,13 +160,14 @@ impl AgentActor {
         self.children
             .entry(id.clone())
             .or_insert_with(|| {
-                let (id, runtime, images, network) = (
+                let (id, runtime, images, network, drop) = (
                     id.clone(),
                     self.runtime.clone(),
                     self.images.clone(),
                     self.network.clone(),
+                    self.drop_capabilities.clone(),
                 );
-                Supervisor::start(move |_| SandboxActor::new(id, runtime, images, network))
+                Supervisor::start(move |_| SandboxActor::new(id, runtime, images, network, drop))
             })
             .clone()
     }
@@ -198,10 +212,13 @@ impl AgentActor {
         }
         let claiming = self.last_claim.is_some_and(|t| t.elapsed() < CLAIMS_QUIET);
         for (id, key) in self.warm.refills(claiming) {
-            let labels = HashMap::from([
+            let mut labels = HashMap::from([
                 (LABEL_AGENT_UID.to_owned(), self.agent_id.to_string()),
                 (LABEL_WARM.to_owned(), warm_label(&key)),
             ]);
+            if !self.drop_capabilities.is_empty() {
+                labels.insert(LABEL_WARM_DROP.to_owned(), self.drop_capabilities.to_arg());
+            }
             let msg = StartWarm {
                 key,
                 labels,
@@ -614,6 +631,11 @@ pub(crate) fn warm_key_of(o: &ObservedSandbox) -> Option<Option<WarmKey>> {
     Some(key)
 }
 
+/// Whether a warm instance with these labels was made under `drop` ([`LABEL_WARM_DROP`]).
+pub(crate) fn made_under(labels: &HashMap<String, String>, drop: &CapabilityDrop) -> bool {
+    labels.get(LABEL_WARM_DROP).map_or("", String::as_str) == drop.to_arg()
+}
+
 /// The [`LABEL_WARM`] value of `key`.
 fn warm_label(key: &WarmKey) -> String {
     format!("{}|{}", key.runtime.as_str(), key.image)
@@ -689,4 +711,30 @@ pub(crate) fn spawn_exit_watch(addr: Addr<AgentActor>, runtime: ContainerdRuntim
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn only_instances_made_under_the_same_drop_list_are_adopted() {
+        let none = CapabilityDrop::default();
+        let chown = CapabilityDrop::parse(["CHOWN"]).unwrap();
+        let label = |v: &str| HashMap::from([(LABEL_WARM_DROP.to_owned(), v.to_owned())]);
+        assert!(
+            made_under(&HashMap::new(), &none),
+            "older instances, no policy"
+        );
+        assert!(
+            !made_under(&HashMap::new(), &chown),
+            "made with more capabilities"
+        );
+        assert!(made_under(&label("CAP_CHOWN"), &chown));
+        assert!(!made_under(&label("CAP_CHOWN"), &none));
+        let more = CapabilityDrop::parse(["CHOWN", "KILL"]).unwrap();
+        assert!(!made_under(&label("CAP_CHOWN"), &more));
+    }
 }

@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub log_retention: Duration,
     /// Warm instances to keep ready.
     pub warm: WarmConfig,
+    /// Capabilities taken away from every sandbox, warm instances included (the
+    /// pool's `sandboxSecurity.capabilities.drop`).
+    pub drop_capabilities: fsb_core::capability::CapabilityDrop,
 }
 
 /// Default bound of a sandbox log file.
@@ -101,6 +104,7 @@ impl AgentHandle {
             stop_grace: config.stop_grace,
             observed,
             warm,
+            drop_capabilities: config.drop_capabilities,
         });
         let addr = actor.start();
         spawn_exit_watch(addr.clone(), runtime.clone(), agent_id.clone());

@@ -68,7 +68,7 @@ pub mod tls;
 pub mod userns;
 pub mod warm;
 
-pub use actor::{LABEL_PORTS, LABEL_WARM};
+pub use actor::{LABEL_PORTS, LABEL_WARM, LABEL_WARM_DROP};
 pub use error::AgentError;
 pub use handle::{
     AgentConfig, AgentHandle, DEFAULT_LOG_MAX_BYTES, DEFAULT_STOP_GRACE, LOG_CHECK_INTERVAL,

@@ -14,18 +14,22 @@
 //! What it encodes, and where each default comes from:
 //! - process: args with Kubernetes command/args semantics ([`process_args`]), env
 //!   merged image-then-spec ([`process_env`]), cwd, user, containerd's default
-//!   capabilities less `CAP_NET_RAW` in a shared network namespace ([`capabilities`]),
-//!   `noNewPrivileges`, `RLIMIT_NOFILE` 1024;
+//!   capabilities less `CAP_NET_RAW` in a shared network namespace and less what the
+//!   pool drops ([`capabilities`]), `noNewPrivileges`, `RLIMIT_NOFILE` 1024 and under
+//!   gVisor `RLIMIT_NPROC` at the pids limit ([`rlimits`]);
 //! - root `rootfs` (read-only on request), hostname, containerd's default mounts plus a
 //!   read-only `/sys/fs/cgroup` and the injected files ([`crate::inject`]);
 //! - linux: pid/ipc/uts/mount namespaces plus the network per [`NetworkMode`], cgroups
-//!   path, resources (cpu, memory, pids with a default), containerd's masked and
+//!   path, resources (cpu, memory, pids with a default; see [`host_pids_limit`] for
+//!   gVisor), containerd's masked and
 //!   read-only paths, and the default seccomp profile ([`crate::seccomp`]) except under
 //!   gVisor (see [`build_spec`]).
 
 use std::path::PathBuf;
 
-use fsb_core::{SandboxId, ValidSpec, labels, quantity::MilliCpu, spec::Runtime};
+use fsb_core::{
+    SandboxId, ValidSpec, capability::CapabilityDrop, labels, quantity::MilliCpu, spec::Runtime,
+};
 use serde_json::{Value, json};
 
 use crate::{error::AgentError, inject::InjectedMount, seccomp, userns::IdMapping};
@@ -43,6 +47,18 @@ pub const MIN_CPU_QUOTA_US: i64 = 1_000;
 /// Process limit when the spec sets none: a fork bomb in one sandbox must not exhaust
 /// the node's pid space, and 4096 is far above what a code-execution sandbox needs.
 pub const DEFAULT_PIDS_LIMIT: u32 = 4096;
+/// Under gVisor, the process bound ([`rlimits`]) when the spec sets none. Lower than
+/// [`DEFAULT_PIDS_LIMIT`] because under gVisor the host pids cgroup counts the Sentry's
+/// host threads and, on the ptrace platform, a stub process and threads per sandbox
+/// process (measured with runsc 20221219: ~40 at rest plus ~9 per process), and a
+/// Sentry that cannot make a thread dies (Go `fatal error: newosproc`): the rlimit must
+/// be reached first, as a clean `EAGAIN`.
+pub const GVISOR_DEFAULT_NPROC: u32 = 256;
+// The rlimit comes first: the Sentry needs ~40 + 9 per process of the default cgroup.
+const _: () = assert!(40 + 9 * GVISOR_DEFAULT_NPROC < DEFAULT_PIDS_LIMIT);
+/// Under gVisor, host pids allowed per sandbox process in the cgroup (see
+/// [`GVISOR_DEFAULT_NPROC`]); never below [`DEFAULT_PIDS_LIMIT`].
+pub const GVISOR_HOST_PIDS_PER_PROCESS: u32 = 16;
 /// `RLIMIT_NOFILE`, soft and hard (containerd's default).
 pub const NOFILE_LIMIT: u64 = 1024;
 
@@ -67,15 +83,34 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
 ];
 
 /// Capabilities of a sandbox's process: [`DEFAULT_CAPABILITIES`], less `CAP_NET_RAW`
-/// when the sandbox joins a shared network namespace ([`NetworkMode::Join`]). There a
-/// raw or packet socket would see and forge every packet of that namespace: other
-/// tenants' sandboxes and the agent's own traffic. (Cost: `ping` as root needs it.)
-pub fn capabilities(network: &NetworkMode) -> Vec<&'static str> {
-    DEFAULT_CAPABILITIES
-        .iter()
-        .copied()
-        .filter(|c| !(matches!(network, NetworkMode::Join(_)) && *c == "CAP_NET_RAW"))
-        .collect()
+/// when the sandbox joins a shared network namespace ([`NetworkMode::Join`]), less what
+/// the pool drops (`drop`, which can only remove). In a shared namespace a raw or
+/// packet socket would see and forge every packet of that namespace: other tenants'
+/// sandboxes and the agent's own traffic. (Cost: `ping` as root needs it.)
+pub fn capabilities(network: &NetworkMode, drop: &CapabilityDrop) -> Vec<&'static str> {
+    drop.apply(
+        DEFAULT_CAPABILITIES
+            .iter()
+            .copied()
+            .filter(|c| !(matches!(network, NetworkMode::Join(_)) && *c == "CAP_NET_RAW")),
+    )
+}
+
+/// `process.rlimits`: `RLIMIT_NOFILE` ([`NOFILE_LIMIT`]) for every runtime, and under
+/// gVisor also `RLIMIT_NPROC` at the process limit ([`process_limit`]). There the pids
+/// cgroup holds the Sentry's host threads, not the sandbox's processes, and reaching it
+/// kills the whole sandbox; the Sentry enforces `RLIMIT_NPROC` itself (per uid, inside
+/// that sandbox's kernel: fork fails with `EAGAIN`; tested in `agent_hardening`). Not
+/// on runc or crun: without a user namespace the host kernel counts `RLIMIT_NPROC` per
+/// host uid across the node, so root in one sandbox would share a count with every
+/// root process of the host; the pids cgroup bounds them.
+pub fn rlimits(runtime: Runtime, pids_limit: u32) -> Value {
+    let mut limits =
+        vec![json!({ "type": "RLIMIT_NOFILE", "hard": NOFILE_LIMIT, "soft": NOFILE_LIMIT })];
+    if runtime == Runtime::Gvisor {
+        limits.push(json!({ "type": "RLIMIT_NPROC", "hard": pids_limit, "soft": pids_limit }));
+    }
+    Value::Array(limits)
 }
 
 /// Paths hidden from the sandbox (containerd's defaults): kernel memory, keys, timers.
@@ -331,6 +366,8 @@ pub struct SpecInput<'a> {
     /// A user namespace with this mapping (the rootfs must be owned by its host ids,
     /// see [`crate::userns`]); `None`: the host's.
     pub user_namespace: Option<IdMapping>,
+    /// Capabilities the pool takes away (see [`capabilities`]).
+    pub drop_capabilities: CapabilityDrop,
 }
 
 /// CFS quota in microseconds per [`CPU_PERIOD_US`] for a CPU limit, rounded up to
@@ -346,12 +383,37 @@ pub fn cpu_quota(cpu: MilliCpu) -> Result<i64, AgentError> {
         })
 }
 
-/// The spec's cpu, memory and pids limits as OCI `linux.resources` (the pids default
-/// when unset): written into a cold create's spec, or applied to a claimed warm
-/// instance with a task update.
-pub fn limits(spec: &ValidSpec) -> Result<Value, AgentError> {
+/// The most processes a sandbox may hold: the spec's pids limit, else
+/// [`DEFAULT_PIDS_LIMIT`] ([`GVISOR_DEFAULT_NPROC`] under gVisor). runc and crun
+/// enforce it with the pids cgroup, gVisor's Sentry with `RLIMIT_NPROC` ([`rlimits`]).
+pub fn process_limit(spec: &ValidSpec, runtime: Runtime) -> u32 {
+    match (spec.pids, runtime) {
+        (Some(pids), _) => pids,
+        (None, Runtime::Gvisor) => GVISOR_DEFAULT_NPROC,
+        (None, _) => DEFAULT_PIDS_LIMIT,
+    }
+}
+
+/// The host pids cgroup limit: the process limit on runc and crun; under gVisor a
+/// backstop for the Sentry's host threads, [`GVISOR_HOST_PIDS_PER_PROCESS`] per allowed
+/// process and at least [`DEFAULT_PIDS_LIMIT`] (a small limit must not keep the Sentry
+/// from starting).
+pub fn host_pids_limit(spec: &ValidSpec, runtime: Runtime) -> u32 {
+    let limit = process_limit(spec, runtime);
+    match runtime {
+        Runtime::Gvisor => limit
+            .saturating_mul(GVISOR_HOST_PIDS_PER_PROCESS)
+            .max(DEFAULT_PIDS_LIMIT),
+        _ => limit,
+    }
+}
+
+/// The spec's cpu, memory and pids limits as OCI `linux.resources` for `runtime` (the
+/// pids default when unset, see [`host_pids_limit`]): written into a cold create's
+/// spec, or applied to a claimed warm instance with a task update.
+pub fn limits(spec: &ValidSpec, runtime: Runtime) -> Result<Value, AgentError> {
     let mut resources = json!({
-        "pids": { "limit": spec.pids.unwrap_or(DEFAULT_PIDS_LIMIT) },
+        "pids": { "limit": host_pids_limit(spec, runtime) },
     });
     if let Some(cpu) = spec.cpu {
         resources["cpu"] = json!({ "quota": cpu_quota(cpu)?, "period": CPU_PERIOD_US });
@@ -485,7 +547,7 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
         NetworkMode::Isolated => json!({ "type": "network" }),
     };
 
-    let mut resources = limits(spec)?;
+    let mut resources = limits(spec, input.runtime)?;
     // Deny every device node except those the runtime always allows
     // (null, zero, full, random, urandom, tty, ptmx, pts), as containerd does.
     resources["devices"] = json!([{ "allow": false, "access": "rwm" }]);
@@ -503,7 +565,7 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
         "maskedPaths": MASKED_PATHS,
         "readonlyPaths": READONLY_PATHS,
     });
-    let caps = capabilities(&input.network);
+    let caps = capabilities(&input.network, &input.drop_capabilities);
     if input.runtime != Runtime::Gvisor {
         linux["seccomp"] = seccomp::default_profile(&caps);
     }
@@ -535,7 +597,7 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, AgentError> {
             "env": env,
             "cwd": cwd,
             "capabilities": { "bounding": caps, "effective": caps, "permitted": caps },
-            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": NOFILE_LIMIT, "soft": NOFILE_LIMIT }],
+            "rlimits": rlimits(input.runtime, process_limit(spec, input.runtime)),
             "noNewPrivileges": true,
         },
         "root": { "path": "rootfs", "readonly": input.read_only_rootfs },
@@ -771,6 +833,7 @@ pub(crate) mod tests {
             mounts: vec![],
             read_only_rootfs: false,
             user_namespace: None,
+            drop_capabilities: CapabilityDrop::default(),
         };
         edit(&mut input);
         build_spec(&input)
@@ -797,7 +860,10 @@ pub(crate) mod tests {
         assert_eq!(p["user"], json!({ "uid": 1000, "gid": 1001 }));
         assert_eq!(p["terminal"], false);
         assert_eq!(p["noNewPrivileges"], true);
-        let shared = capabilities(&NetworkMode::Join("/proc/4242/ns/net".into()));
+        let shared = capabilities(
+            &NetworkMode::Join("/proc/4242/ns/net".into()),
+            &CapabilityDrop::default(),
+        );
         assert_eq!(p["capabilities"]["bounding"], json!(shared));
         assert_eq!(p["capabilities"]["effective"], json!(shared));
         assert_eq!(p["capabilities"]["permitted"], json!(shared));
@@ -865,6 +931,85 @@ pub(crate) mod tests {
         assert_eq!(caps(&shared), json!(expected));
         let own = build(&spec, &image(), |i| i.network = NetworkMode::Isolated).unwrap();
         assert_eq!(caps(&own), json!(DEFAULT_CAPABILITIES));
+    }
+
+    #[test]
+    fn a_pool_drop_list_only_removes_and_tightens_seccomp() {
+        let spec = valid_spec(|_| {});
+        let drop = CapabilityDrop::parse(["chown", "SYS_CHROOT", "SYS_ADMIN"]).unwrap();
+        let doc = build(&spec, &image(), |i| {
+            i.network = NetworkMode::Isolated;
+            i.drop_capabilities = drop.clone();
+        })
+        .unwrap();
+        let mut expected: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
+        expected.retain(|c| !["CAP_CHOWN", "CAP_SYS_CHROOT"].contains(c));
+        for set in ["bounding", "effective", "permitted"] {
+            assert_eq!(
+                doc["process"]["capabilities"][set],
+                json!(expected),
+                "{set}"
+            );
+        }
+        // The seccomp profile follows the set: chroot is allowed only with its capability.
+        assert_eq!(
+            crate::seccomp::tests::allowance(&doc["linux"]["seccomp"], "chroot"),
+            None
+        );
+        // In a shared network namespace NET_RAW goes too; ALL leaves nothing.
+        let shared = build(&spec, &image(), |i| i.drop_capabilities = drop.clone()).unwrap();
+        expected.retain(|c| *c != "CAP_NET_RAW");
+        assert_eq!(
+            shared["process"]["capabilities"]["bounding"],
+            json!(expected)
+        );
+        let all = CapabilityDrop::parse(["ALL"]).unwrap();
+        let none = build(&spec, &image(), |i| i.drop_capabilities = all.clone()).unwrap();
+        for set in ["bounding", "effective", "permitted"] {
+            assert_eq!(none["process"]["capabilities"][set], json!([]), "{set}");
+        }
+    }
+
+    #[test]
+    fn gvisor_bounds_processes_with_rlimit_nproc_at_the_pids_limit() {
+        let nproc = |doc: &Value| {
+            doc["process"]["rlimits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["type"] == "RLIMIT_NPROC")
+                .cloned()
+        };
+        let plain = valid_spec(|_| {});
+        let limited = valid_spec(|s| s.resources.pids = 64);
+        let gvisor =
+            |spec: &ValidSpec| build(spec, &image(), |i| i.runtime = Runtime::Gvisor).unwrap();
+        let host_pids = |doc: &Value| doc["linux"]["resources"]["pids"]["limit"].clone();
+        let plain_doc = gvisor(&plain);
+        assert_eq!(
+            nproc(&plain_doc),
+            Some(
+                json!({ "type": "RLIMIT_NPROC", "hard": GVISOR_DEFAULT_NPROC, "soft": GVISOR_DEFAULT_NPROC })
+            )
+        );
+        assert_eq!(host_pids(&plain_doc), json!(DEFAULT_PIDS_LIMIT));
+        let limited_doc = gvisor(&limited);
+        assert_eq!(
+            nproc(&limited_doc),
+            Some(json!({ "type": "RLIMIT_NPROC", "hard": 64, "soft": 64 }))
+        );
+        assert_eq!(
+            host_pids(&limited_doc),
+            json!(DEFAULT_PIDS_LIMIT),
+            "a small limit still lets the Sentry start"
+        );
+        let large = valid_spec(|s| s.resources.pids = 1000);
+        assert_eq!(host_pids(&gvisor(&large)), json!(16_000));
+        for runtime in [Runtime::Runc, Runtime::Crun] {
+            let doc = build(&limited, &image(), |i| i.runtime = runtime).unwrap();
+            assert_eq!(nproc(&doc), None, "{runtime:?}: host-wide per uid there");
+            assert_eq!(host_pids(&doc), json!(64), "{runtime:?}");
+        }
     }
 
     #[test]
@@ -969,7 +1114,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn runtimes_differ_only_in_seccomp() {
+    fn runtimes_differ_only_in_seccomp_and_nproc() {
         let spec = valid_spec(|_| {});
         let runc = build(&spec, &image(), |_| {}).unwrap();
         let crun = build(&spec, &image(), |i| i.runtime = Runtime::Crun).unwrap();
@@ -977,6 +1122,9 @@ pub(crate) mod tests {
         assert_eq!(runc, crun);
         assert!(gvisor["linux"].get("seccomp").is_none(), "runsc ignores it");
         gvisor["linux"]["seccomp"] = runc["linux"]["seccomp"].clone();
+        // ... and RLIMIT_NPROC, gVisor's process bound.
+        gvisor["process"]["rlimits"] = runc["process"]["rlimits"].clone();
+        gvisor["linux"]["resources"] = runc["linux"]["resources"].clone();
         assert_eq!(runc, gvisor);
     }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use fsb_core::{
     SandboxId,
+    capability::CapabilityDrop,
     spec::{Runtime, SandboxSpec, SpecLimits},
 };
 use tracing::Instrument;
@@ -47,6 +48,7 @@ pub(crate) struct SandboxActor {
     runtime: ContainerdRuntime,
     images: Arc<ImageStore>,
     network: NetworkMode,
+    drop_capabilities: CapabilityDrop,
     started: Option<CreatedSandbox>,
     /// A warm instance made by this actor, ready: a claim needs no image lookup.
     warm: Option<WarmReady>,
@@ -66,12 +68,14 @@ impl SandboxActor {
         runtime: ContainerdRuntime,
         images: Arc<ImageStore>,
         network: NetworkMode,
+        drop_capabilities: CapabilityDrop,
     ) -> Self {
         Self {
             id,
             runtime,
             images,
             network,
+            drop_capabilities,
             started: None,
             warm: None,
         }
@@ -105,7 +109,7 @@ impl Handler<Start> for SandboxActor {
             self.id.clone(),
             self.runtime.clone(),
             self.images.clone(),
-            self.network.clone(),
+            (self.network.clone(), self.drop_capabilities.clone()),
         );
         let warm = self.warm.take();
         let span = tracing::info_span!(parent: &msg.span, "agent.start", sandbox = %id, how = msg.how.label());
@@ -144,7 +148,8 @@ impl Handler<StartWarm> for SandboxActor {
 
     fn handle(&mut self, msg: StartWarm, _ctx: &mut Self::Context) -> Self::Result {
         let (id, runtime, images) = (self.id.clone(), self.runtime.clone(), self.images.clone());
-        let work = async move { start_warm(&id, &runtime, &images, msg).await };
+        let drop = self.drop_capabilities.clone();
+        let work = async move { start_warm(&id, &runtime, &images, msg, drop).await };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(|result, act, _ctx| {
             result.map(|ready| {
                 let pid = ready.pid;
@@ -176,7 +181,7 @@ async fn start(
     id: SandboxId,
     runtime: ContainerdRuntime,
     images: &ImageStore,
-    network: NetworkMode,
+    (network, drop_capabilities): (NetworkMode, CapabilityDrop),
     msg: Start,
     note: String,
 ) -> Result<CreatedSandbox, AgentError> {
@@ -223,6 +228,7 @@ async fn start(
         mounts: Vec::new(),
         read_only_rootfs: msg.spec.read_only_rootfs,
         user_namespace: msg.spec.user_namespace.then_some(userns::MAPPING),
+        drop_capabilities,
     })?;
     let spec_json = serde_json::to_vec(&spec)
         .map_err(|e| AgentError::Internal(format!("encoding OCI spec: {e}")))?;
@@ -293,6 +299,7 @@ async fn start_warm(
     runtime: &ContainerdRuntime,
     images: &ImageStore,
     msg: StartWarm,
+    drop_capabilities: CapabilityDrop,
 ) -> Result<WarmReady, AgentError> {
     let image = images.resolve(&msg.key.image).await?;
     let (config, user) = image_user(runtime, &image).await?;
@@ -320,6 +327,9 @@ async fn start_warm(
         }],
         read_only_rootfs: false,
         user_namespace: None,
+        // The instance's PID 1 already has the reduced set; the claimed process
+        // inherits it (the bounding set cannot grow back).
+        drop_capabilities,
     })?;
     let plan = ContainerPlan {
         id: id.clone(),
@@ -364,7 +374,9 @@ async fn claim(
 
     let t = Instant::now();
     if msg.spec.limited() {
-        runtime.update_limits(id, &oci::limits(&msg.spec)?).await?;
+        runtime
+            .update_limits(id, &oci::limits(&msg.spec, msg.runtime)?)
+            .await?;
     }
     let limits_time = t.elapsed();
 

@@ -280,6 +280,47 @@ pub struct SandboxPoolSpec {
     /// Pod template of the agents (container image, resources, node selection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_template: Option<k8s_openapi::api::core::v1::PodTemplateSpec>,
+    /// Hardening of the pool's sandboxes beyond the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_security: Option<SandboxSecurity>,
+}
+
+/// `SandboxPool.spec.sandboxSecurity`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
+pub struct SandboxSecurity {
+    /// Capabilities of the pool's sandboxes: containerd's default set (less
+    /// `CAP_NET_RAW` in the agent's shared network namespace), less `drop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<CapabilityPolicy>,
+}
+
+/// `sandboxSecurity.capabilities`: shaped like a container's
+/// `securityContext.capabilities`, but only `drop` is honoured.
+#[derive(KubeSchema, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct CapabilityPolicy {
+    /// Capabilities taken away from every sandbox of the pool: Linux capability names
+    /// with or without `CAP_`, any case (`NET_RAW`, `CAP_CHOWN`), or `ALL`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(regex(pattern = crate::crd::capability_pattern())))]
+    pub drop: Vec<String>,
+    /// Refused when not empty: sandboxes never get more than the default set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = kube::core::Rule::new("size(self) == 0").message("sandboxes cannot gain capabilities beyond the default set; only drop is supported"))]
+    pub add: Vec<String>,
+}
+
+/// The schema pattern of a `drop` entry: the names [`fsb_core::capability::canonical`]
+/// accepts (without surrounding whitespace), case-insensitive.
+pub fn capability_pattern() -> String {
+    let names: Vec<&str> = fsb_core::capability::KNOWN_CAPABILITIES
+        .iter()
+        .filter_map(|c| c.strip_prefix("CAP_"))
+        .collect();
+    format!(
+        "^(?i)({}|(CAP_)?({}))$",
+        fsb_core::capability::ALL,
+        names.join("|")
+    )
 }
 
 fn default_per_pod() -> u32 {

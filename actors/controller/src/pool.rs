@@ -159,6 +159,10 @@ pub enum PoolError {
     /// The pool's agentTemplate cannot make an agent pod.
     #[error("invalid agentTemplate: {0}")]
     InvalidTemplate(&'static str),
+    /// The pool's sandboxSecurity names an unknown capability or adds one (the CRD's
+    /// schema refuses both; this catches objects stored under an older schema).
+    #[error("invalid sandboxSecurity: {0}")]
+    InvalidSecurity(String),
     /// The controller's runner failed; its state is not trustworthy.
     #[error("pool controller runner failed: {0}")]
     Runner(String),
@@ -288,6 +292,10 @@ async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Pool
         Ok(rendered) => rendered,
         Err(e @ PoolError::InvalidTemplate(_)) => {
             report_not_ready(&pool, &pools, "InvalidTemplate", &e.to_string()).await?;
+            return Err(e);
+        }
+        Err(e @ PoolError::InvalidSecurity(_)) => {
+            report_not_ready(&pool, &pools, "InvalidSandboxSecurity", &e.to_string()).await?;
             return Err(e);
         }
         Err(e) => return Err(e),

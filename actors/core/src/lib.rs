@@ -1,5 +1,6 @@
 //! fsb-core: the vocabulary every other crate speaks.
 //!
+//! - [`capability`]: Linux capability names and a pool's capability drop list.
 //! - [`ids`]: newtypes for every identifier that crosses a crate boundary (never bare strings).
 //! - [`image`]: image references, parsed and normalized so `busybox` equals
 //!   `docker.io/library/busybox:latest` everywhere (placement affinity, inventory, pulls).
@@ -11,6 +12,7 @@
 //! Invariant: a value of a validated type (`ImageRef`, `HostPort`, `SandboxName`, a
 //! `ValidSpec`) is valid by construction; code downstream never re-checks it.
 
+pub mod capability;
 pub mod error;
 pub mod ids;
 pub mod image;

@@ -593,6 +593,7 @@ impl RawPath {
             mounts: Vec::new(),
             read_only_rootfs: false,
             user_namespace: None,
+            drop_capabilities: Default::default(),
         })
         .map_err(BenchError::raw("build spec"))?;
         serde_json::to_vec(&doc).map_err(|e| BenchError::Config(format!("spec json: {e}")))

@@ -78,6 +78,8 @@ pub struct UpConfig {
     pub metrics_listen: SocketAddr,
     /// Per-client rate limit of the fast path (each local connection is a client).
     pub rate_limit: fsb_gateway::RateLimitConfig,
+    /// Capabilities taken away from every sandbox (`--drop-capability`).
+    pub drop_capabilities: fsb_core::capability::CapabilityDrop,
 }
 
 impl UpConfig {
@@ -97,6 +99,7 @@ impl UpConfig {
             warm: fsb_agent::warm::WarmConfig::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             rate_limit: fsb_gateway::RateLimitConfig::DEFAULT,
+            drop_capabilities: fsb_core::capability::CapabilityDrop::default(),
         }
     }
 }
@@ -210,6 +213,7 @@ pub async fn run(
         log_max_bytes: DEFAULT_LOG_MAX_BYTES,
         log_retention: Duration::ZERO,
         warm: config.warm.clone(),
+        drop_capabilities: config.drop_capabilities.clone(),
     })
     .await
     .map_err(|e| setup(format!("starting the local agent: {e}")))?;

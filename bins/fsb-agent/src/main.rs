@@ -17,6 +17,7 @@ use fsb_agent::{
 };
 use fsb_core::{
     AgentId,
+    capability::CapabilityDrop,
     spec::{Runtime, SpecLimits},
 };
 use fsb_proto::{ServingStatus, agent::v1::Register, fastpath::v1 as fp, standard_services};
@@ -122,6 +123,16 @@ struct Config {
     /// the session to the controller uses TLS. Unset: plaintext, unauthenticated.
     #[arg(long, env = "FSB_TLS_DIR")]
     tls_dir: Option<PathBuf>,
+    /// Take a capability away from every sandbox (containerd's default set less this;
+    /// never adds): `CHOWN`, `CAP_CHOWN` or `chown`, `ALL` for all. Repeat the flag, or
+    /// comma-separate in the environment variable.
+    #[arg(
+        long = "drop-capability",
+        env = "FSB_DROP_CAPABILITIES",
+        value_delimiter = ',',
+        value_name = "CAP"
+    )]
+    drop_capabilities: Vec<String>,
     /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
     #[arg(long, env = "FSB_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -165,6 +176,18 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let drop_capabilities = match CapabilityDrop::parse(
+        config
+            .drop_capabilities
+            .iter()
+            .filter(|s| !s.trim().is_empty()),
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("fsb-agent: --drop-capability: {e}");
+            return ExitCode::from(64);
+        }
+    };
     if let Some(controller) = &config.controller
         && (!controller.starts_with("http://") && !controller.starts_with("https://")
             || tonic::transport::Endpoint::from_shared(controller.clone()).is_err())
@@ -186,7 +209,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match actix_rt::System::new().block_on(run(config, default_runtime, warm, tls)) {
+    match actix_rt::System::new().block_on(run(
+        config,
+        default_runtime,
+        warm,
+        drop_capabilities,
+        tls,
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fsb-agent: {e}");
@@ -223,6 +252,7 @@ async fn run(
     config: Config,
     default_runtime: Runtime,
     warm: WarmConfig,
+    drop_capabilities: CapabilityDrop,
     tls: Option<TlsMaterial>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     if tls.is_none() {
@@ -277,6 +307,7 @@ async fn run(
         log_max_bytes: config.log_max_bytes,
         log_retention: Duration::from_secs(config.log_retention_seconds),
         warm,
+        drop_capabilities,
     })
     .await?;
     // Dropped (and so stopped) when the server returns.

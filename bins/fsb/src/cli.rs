@@ -197,6 +197,15 @@ pub(crate) struct UpArgs {
     /// Memory budget of all warm instances in MiB (each counted at 4 MiB).
     #[arg(long, env = "FSB_WARM_MEMORY_MIB", default_value_t = 1024)]
     pub(crate) warm_memory_mib: u64,
+    /// Take a capability away from every sandbox (`CHOWN`, `CAP_CHOWN`, `ALL`; repeat
+    /// the flag): containerd's default set less these, never more.
+    #[arg(
+        long = "drop-capability",
+        env = "FSB_DROP_CAPABILITIES",
+        value_delimiter = ',',
+        value_name = "CAP"
+    )]
+    pub(crate) drop_capabilities: Vec<String>,
     /// Where Prometheus metrics are served (`GET /metrics`; loopback only; the address
     /// is written to `<data-dir>/metrics`).
     #[arg(

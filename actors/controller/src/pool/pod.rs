@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use fsb_core::labels::{LABEL_APP, LABEL_APP_AGENT, LABEL_POOL};
+use fsb_core::{
+    capability::CapabilityDrop,
+    labels::{LABEL_APP, LABEL_APP_AGENT, LABEL_POOL},
+};
 use k8s_openapi::api::core::v1::{
     EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodTemplateSpec, SecretVolumeSource, Volume,
     VolumeMount,
@@ -24,6 +27,8 @@ pub const HOST_PATHS: [&str; 4] = [
     "/run/fast-sandbox",
 ];
 
+/// The agent's `--drop-capability` list, canonical names comma-separated.
+pub const DROP_CAPABILITIES_ENV: &str = "FSB_DROP_CAPABILITIES";
 /// Name of the agent container in the default template.
 pub const AGENT_CONTAINER: &str = "agent";
 /// Volume of the pool's TLS Secret in agent pods.
@@ -136,6 +141,28 @@ pub fn agent_env(pool: &SandboxPool, config: &PoolConfig) -> Vec<EnvVar> {
     ]
 }
 
+/// The capabilities the pool takes from its sandboxes (`sandboxSecurity.capabilities`):
+/// an unknown name in `drop`, or anything in `add`, is refused naming the field.
+pub fn dropped_capabilities(pool: &SandboxPool) -> Result<CapabilityDrop, PoolError> {
+    let Some(policy) = pool
+        .spec
+        .sandbox_security
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+    else {
+        return Ok(CapabilityDrop::default());
+    };
+    if !policy.add.is_empty() {
+        return Err(PoolError::InvalidSecurity(format!(
+            "sandboxSecurity.capabilities.add: {:?}: sandboxes cannot gain capabilities \
+             beyond the default set; only drop is supported",
+            policy.add
+        )));
+    }
+    CapabilityDrop::parse(&policy.drop)
+        .map_err(|e| PoolError::InvalidSecurity(format!("sandboxSecurity.capabilities.drop: {e}")))
+}
+
 /// The pool's effective template (env injected, labels set) and its hash: any change of
 /// the template, the capacity, the runtime or the controller's settings changes it.
 pub fn rendered_template(
@@ -154,7 +181,16 @@ pub fn rendered_template(
         .containers
         .first_mut()
         .ok_or(PoolError::InvalidTemplate("agentTemplate has no container"))?;
+    let dropped = dropped_capabilities(pool)?;
     let mut injected = agent_env(pool, config);
+    // Only when set: pools without a policy keep their template hash (no rollout).
+    if !dropped.is_empty() {
+        injected.push(EnvVar {
+            name: DROP_CAPABILITIES_ENV.to_owned(),
+            value: Some(dropped.to_arg()),
+            value_from: None,
+        });
+    }
     if config.ca.is_some() {
         injected.push(EnvVar {
             name: "FSB_TLS_DIR".to_owned(),
@@ -241,7 +277,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::crd::{PoolCapacity, SandboxPoolSpec, WarmImage};
+    use crate::crd::{CapabilityPolicy, PoolCapacity, SandboxPoolSpec, SandboxSecurity, WarmImage};
 
     fn pool(per_pod: u32, template: Option<PodTemplateSpec>) -> SandboxPool {
         let mut p = SandboxPool::new(
@@ -261,6 +297,7 @@ mod tests {
                     },
                 ],
                 agent_template: template,
+                sandbox_security: None,
             },
         );
         p.metadata.namespace = Some("team-a".into());
@@ -318,6 +355,86 @@ mod tests {
         assert_eq!(field("FSB_NAMESPACE"), "metadata.namespace");
         assert_eq!(field("FSB_NODE_NAME"), "spec.nodeName");
         assert_eq!(field("FSB_ADVERTISE_HOST"), "status.podIP");
+    }
+
+    fn with_caps(drop: &[&str], add: &[&str]) -> SandboxPool {
+        let mut p = pool(1, None);
+        p.spec.sandbox_security = Some(SandboxSecurity {
+            capabilities: Some(CapabilityPolicy {
+                drop: drop.iter().map(|s| s.to_string()).collect(),
+                add: add.iter().map(|s| s.to_string()).collect(),
+            }),
+        });
+        p
+    }
+
+    #[test]
+    fn a_pool_drop_list_reaches_the_agent_canonical_and_only_when_set() {
+        let env_value = |p: &SandboxPool| {
+            let (t, hash) = rendered_template(p, &config()).unwrap();
+            let v = env_of(&t)
+                .into_iter()
+                .find(|e| e.name == DROP_CAPABILITIES_ENV)
+                .map(|e| e.value.unwrap());
+            (v, hash)
+        };
+        let (none, plain_hash) = env_value(&pool(1, None));
+        assert_eq!(none, None, "no policy, no variable");
+        let (empty, empty_hash) = env_value(&with_caps(&[], &[]));
+        assert_eq!(empty, None);
+        assert_eq!(empty_hash, plain_hash, "an empty policy changes no pod");
+        let (v, hash) = env_value(&with_caps(&["net_bind_service", "CAP_CHOWN", "CHOWN"], &[]));
+        assert_eq!(v.as_deref(), Some("CAP_CHOWN,CAP_NET_BIND_SERVICE"));
+        assert_ne!(hash, plain_hash, "a new policy rolls the pool's pods");
+        let (_, same) = env_value(&with_caps(&["CHOWN", "Net_Bind_Service"], &[]));
+        assert_eq!(same, hash, "another spelling of one policy is one template");
+    }
+
+    #[test]
+    fn unknown_or_added_capabilities_are_refused_naming_the_field() {
+        let err = rendered_template(&with_caps(&["CHOWN", "NOT_A_CAP"], &[]), &config())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid sandboxSecurity: sandboxSecurity.capabilities.drop: ")
+                && err.contains("\"NOT_A_CAP\""),
+            "{err}"
+        );
+        let err = rendered_template(&with_caps(&[], &["SYS_ADMIN"]), &config())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sandboxSecurity.capabilities.add: ") && err.contains("SYS_ADMIN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_schema_pattern_accepts_what_the_parser_accepts() {
+        let re = regex::Regex::new(&crate::crd::capability_pattern()).unwrap();
+        for ok in [
+            "ALL",
+            "all",
+            "CAP_CHOWN",
+            "chown",
+            "Net_Raw",
+            "CAP_CHECKPOINT_RESTORE",
+        ] {
+            assert!(re.is_match(ok), "{ok}");
+            assert!(fsb_core::capability::canonical(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "CAP_ALL",
+            "NOPE",
+            "CAP_",
+            "xCHOWN",
+            "CHOWNx",
+            "CAP_CAP_CHOWN",
+        ] {
+            assert!(!re.is_match(bad), "{bad}");
+            assert!(fsb_core::capability::canonical(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

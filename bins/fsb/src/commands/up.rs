@@ -76,6 +76,12 @@ pub(crate) fn up_config(args: &UpArgs, settings: &Settings) -> Result<UpConfig, 
     });
     config.warm.limits.max_starting = args.warm_max_starting.max(1);
     config.warm.limits.memory_budget = args.warm_memory_mib << 20;
+    config.drop_capabilities = fsb_core::capability::CapabilityDrop::parse(
+        args.drop_capabilities
+            .iter()
+            .filter(|c| !c.trim().is_empty()),
+    )
+    .map_err(|e| CliError::BadConfig(format!("--drop-capability: {e}")))?;
     Ok(config)
 }
 
@@ -177,6 +183,38 @@ mod tests {
             Some(std::path::Path::new("/c.sock"))
         );
         assert_eq!(c.data_dir.root(), std::path::Path::new("/d"));
+    }
+
+    #[test]
+    fn drop_capabilities_are_parsed_and_unknown_names_refused() {
+        let c = config(&[
+            "fsb",
+            "--data-dir",
+            "/d",
+            "up",
+            "--drop-capability",
+            "chown",
+            "--drop-capability",
+            "CAP_NET_BIND_SERVICE",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.drop_capabilities.to_arg(),
+            "CAP_CHOWN,CAP_NET_BIND_SERVICE"
+        );
+        assert!(
+            config(&["fsb", "--data-dir", "/d", "up"])
+                .unwrap()
+                .drop_capabilities
+                .is_empty()
+        );
+        let err = config(&["fsb", "--data-dir", "/d", "up", "--drop-capability", "NOPE"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--drop-capability") && err.contains("\"NOPE\""),
+            "{err}"
+        );
     }
 
     #[test]
