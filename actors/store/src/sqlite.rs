@@ -1,7 +1,11 @@
 //! [`SqliteStore`]: the embedded store for local mode (`fsb up`).
 //!
-//! One connection behind a mutex: SQLite allows one writer at a time anyway, and a
-//! single connection makes "commit, then publish the event" happen in commit order.
+//! One writing connection behind a mutex: SQLite allows one writer at a time anyway,
+//! and a single writer makes "commit, then publish the event" happen in commit order.
+//! Reads of a database file go through a second connection: in WAL mode a reader sees
+//! the last commit without waiting for the writer, so a create's lookups do not queue
+//! behind other creates' commits and their fsyncs (an in-memory database has one
+//! connection for both).
 //! Every write runs in a `BEGIN IMMEDIATE` transaction, so a second process on the
 //! same file waits (up to the busy timeout) instead of failing mid-transaction.
 //!
@@ -74,6 +78,8 @@ impl std::fmt::Debug for SqliteStore {
 
 struct Inner {
     conn: Mutex<Connection>,
+    /// Reads; `None` for an in-memory database (reads use `conn`).
+    reader: Option<Mutex<Connection>>,
     events: broadcast::Sender<StoreEvent>,
 }
 
@@ -86,6 +92,7 @@ impl SqliteStore {
     /// Open (or create) the database at `path`: WAL, the configured durability, busy
     /// timeout, schema migrated to the current version.
     pub fn open_with(path: impl AsRef<Path>, config: &SqliteConfig) -> Result<Self, StoreError> {
+        let path = path.as_ref();
         let conn = Connection::open(path)?;
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
@@ -94,7 +101,14 @@ impl SqliteStore {
                 "sqlite refused WAL journal mode (got {mode})"
             )));
         }
-        Self::setup(conn, config)
+        let mut store = Self::setup(conn, config)?;
+        // Opened after the schema is migrated; WAL mode is a property of the file.
+        let reader = Connection::open(path)?;
+        reader.busy_timeout(config.busy_timeout)?;
+        if let Some(inner) = Arc::get_mut(&mut store.inner) {
+            inner.reader = Some(Mutex::new(reader));
+        }
+        Ok(store)
     }
 
     /// A private in-memory database, for tests and fakes.
@@ -116,6 +130,7 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
+                reader: None,
                 events,
             }),
         })
@@ -151,7 +166,7 @@ impl SandboxStore for SqliteStore {
         let (ns, n) = (namespace.clone(), name.clone());
         self.run(move |s| {
             select_one(
-                &s.lock(),
+                &s.read(),
                 "namespace = ?1 AND name = ?2",
                 &[Some(ns.as_str()), Some(n.as_str())],
             )
@@ -164,7 +179,7 @@ impl SandboxStore for SqliteStore {
         request_id: &RequestId,
     ) -> Result<Option<StoredSandbox>, StoreError> {
         let id = request_id.clone();
-        self.run(move |s| select_one(&s.lock(), "request_id = ?1", &[Some(id.as_str())]))
+        self.run(move |s| select_one(&s.read(), "request_id = ?1", &[Some(id.as_str())]))
             .await
     }
 
@@ -173,7 +188,7 @@ impl SandboxStore for SqliteStore {
         sandbox_id: &SandboxId,
     ) -> Result<Option<StoredSandbox>, StoreError> {
         let id = sandbox_id.clone();
-        self.run(move |s| select_one(&s.lock(), "sandbox_id = ?1", &[Some(id.as_str())]))
+        self.run(move |s| select_one(&s.read(), "sandbox_id = ?1", &[Some(id.as_str())]))
             .await
     }
 
@@ -183,7 +198,7 @@ impl SandboxStore for SqliteStore {
             let ns = filter.namespace.as_ref().map(|n| n.as_str().to_owned());
             let pool = filter.pool.as_ref().map(|p| p.as_str().to_owned());
             let rows = select(
-                &s.lock(),
+                &s.read(),
                 "(?1 IS NULL OR namespace = ?1) AND (?2 IS NULL OR pool = ?2)",
                 &[ns.as_deref(), pool.as_deref()],
             )?;
@@ -212,6 +227,14 @@ impl SandboxStore for SqliteStore {
 }
 
 impl Inner {
+    /// The connection for reads (see the module doc).
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        match &self.reader {
+            Some(r) => r.lock().unwrap_or_else(|e| e.into_inner()),
+            None => self.lock(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock dropped its transaction (rolled back), so
         // the connection is consistent; keep using it.

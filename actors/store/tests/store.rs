@@ -420,3 +420,37 @@ fn phases_round_trip() {
     }
     assert_eq!(Phase::parse("running"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_a_file_store_do_not_wait_for_a_write_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let a = store.create(record("a", "one", None)).await.unwrap();
+    // Another process holds SQLite's write lock, so the store's next write waits
+    // (busy timeout) while holding the store's writer.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let writer = store.clone();
+    let write = tokio::spawn(async move { writer.create(record("a", "two", None)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !write.is_finished(),
+        "the write waits for the other process"
+    );
+    // A create's lookups meanwhile answer at once, with the last commit.
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        store.get(&a.namespace, &a.name),
+    )
+    .await
+    .expect("a read waited for the write in progress")
+    .unwrap();
+    assert_eq!(got, Some(a.clone()));
+    let two = SandboxName::parse("name", "two").unwrap();
+    assert_eq!(store.get(&a.namespace, &two).await.unwrap(), None);
+    other.execute_batch("COMMIT").unwrap();
+    let b = write.await.unwrap().unwrap();
+    // And a read after a commit sees it.
+    assert_eq!(store.get(&b.namespace, &b.name).await.unwrap(), Some(b));
+}
