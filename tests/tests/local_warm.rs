@@ -238,3 +238,51 @@ async fn creates_take_warm_instances_fall_back_cold_and_the_level_recovers() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--stop-sandboxes-on-exit` leaves no warm instance behind, not even one whose
+/// start was still in flight when `fsb up` was told to stop.
+#[tokio::test]
+async fn stopping_fsb_up_removes_instances_still_starting() {
+    let env = ContainerdEnv::from_env();
+    let init = std::env::var("FSB_INIT_BIN").expect("FSB_INIT_BIN is set by tests/run.sh");
+    let dir = PathBuf::from(std::env::var("FSB_TEST_RUN_DIR").unwrap_or_else(|_| "/tmp".into()))
+        .join(format!("local-warm-stop-{}", std::process::id()));
+    let agent = format!("warm-stop-{}", std::process::id());
+    let warm_flag = format!("{}=16", env.image);
+    let mut up = LocalUp::start(
+        &env,
+        &dir,
+        &agent,
+        free_port().unwrap(),
+        &[
+            "--warm",
+            &warm_flag,
+            "--warm-max-starting",
+            "4",
+            "--init-binary",
+            &init,
+            "--stop-sandboxes-on-exit",
+        ],
+    )
+    .await
+    .unwrap();
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    // Stop as soon as containerd holds the first instance: others are mid-start.
+    wait_until("a first warm instance", Duration::from_secs(60), || async {
+        Ok((!rt.list(Some(&agent)).await?.is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let status = up.terminate(Duration::from_secs(60)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let left = rt.list(Some(&agent)).await.unwrap();
+    for o in &left {
+        let _ = rt.remove(&o.id, Duration::ZERO).await;
+    }
+    assert!(
+        left.is_empty(),
+        "left behind: {:?}",
+        left.iter().map(|o| (&o.id, o.state)).collect::<Vec<_>>()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -504,7 +504,8 @@ impl Handler<StopWarm> for AgentActor {
 
     fn handle(&mut self, _msg: StopWarm, _ctx: &mut Self::Context) -> Self::Result {
         self.warm_init = None;
-        MessageResult(self.warm.set_targets(Vec::new()))
+        let surplus = self.warm.set_targets(Vec::new());
+        MessageResult((surplus, self.warm.starting_count()))
     }
 }
 

@@ -57,6 +57,8 @@ pub struct AgentConfig {
 
 /// Default bound of a sandbox log file.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// How long [`AgentHandle::stop_warm`] waits for instances still starting.
+const STOP_WARM_WAIT: Duration = Duration::from_secs(30);
 /// How often log sizes are checked.
 pub const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -161,17 +163,32 @@ impl AgentHandle {
             .collect())
     }
 
-    /// Stop keeping instances warm and remove the ready ones (on shutdown, when
-    /// nothing is to be left behind). Returns how many were removed.
+    /// Stop keeping instances warm and remove them (on shutdown, when nothing is to
+    /// be left behind): the ready ones, and those still starting once their start
+    /// ends (waited for up to [`STOP_WARM_WAIT`]; a start cannot be cut short without
+    /// leaving its container to containerd). Returns how many were removed.
     pub async fn stop_warm(&self) -> Result<usize, AgentError> {
-        let ready = self.addr.send(StopWarm).await.map_err(stopped)?;
+        let deadline = tokio::time::Instant::now() + STOP_WARM_WAIT;
         let mut removed = 0;
-        for id in ready {
-            if self.runtime.remove(&id, Duration::ZERO).await? {
-                removed += 1;
+        loop {
+            let (ready, starting) = self.addr.send(StopWarm).await.map_err(stopped)?;
+            for id in ready {
+                if self.runtime.remove(&id, Duration::ZERO).await? {
+                    removed += 1;
+                }
             }
+            if starting == 0 {
+                return Ok(removed);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    starting,
+                    "warm instances still starting at shutdown are left"
+                );
+                return Ok(removed);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(removed)
     }
 
     /// Ready warm instances (key, id), oldest first per key: what reports offer the

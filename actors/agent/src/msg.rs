@@ -87,7 +87,7 @@ pub(crate) struct Subscribe;
 
 /// Keep nothing warm from now on; the ready instances, for the caller to remove.
 #[derive(Debug, Message)]
-#[rtype(result = "Vec<SandboxId>")]
+#[rtype(result = "(Vec<SandboxId>, usize)")]
 pub(crate) struct StopWarm;
 
 /// The ready warm instances, for reports.

@@ -282,6 +282,11 @@ impl WarmState {
         true
     }
 
+    /// Instances being started.
+    pub fn starting_count(&self) -> usize {
+        self.starting.len()
+    }
+
     /// Starting `id` failed (its container is the caller's to clean up); the next
     /// [`Self::refills`] tries again.
     pub fn failed(&mut self, id: &SandboxId) {
