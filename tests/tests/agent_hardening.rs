@@ -28,6 +28,24 @@ use fsb_tests::{ContainerdEnv, ExecResult, wait_until};
 const DEADLINE: Duration = Duration::from_secs(30);
 const ALL: [Runtime; 3] = [Runtime::Runc, Runtime::Crun, Runtime::Gvisor];
 
+/// Create `spec` under `id` directly on the agent (no gateway, no name).
+async fn create(
+    agent: &AgentHandle,
+    id: &SandboxId,
+    spec: fsb_core::spec::ValidSpec,
+) -> Result<fsb_agent::CreatedSandbox, fsb_agent::AgentError> {
+    agent
+        .create(CreateSandbox {
+            id: id.clone(),
+            namespace: spec.namespace.to_string(),
+            name: String::new(),
+            claim_uid: String::new(),
+            request_id: String::new(),
+            spec,
+        })
+        .await
+}
+
 /// The main process of every sandbox here; it does nothing but keep the task running.
 const MAIN: [&str; 2] = ["sleep", "86400"];
 
@@ -75,15 +93,7 @@ impl Sandbox {
         };
         edit(&mut spec);
         let spec = spec.validate(&SpecLimits::default()).unwrap();
-        let created = agent
-            .create(CreateSandbox {
-                id: id.clone(),
-                namespace: spec.namespace.to_string(),
-                name: String::new(),
-                claim_uid: String::new(),
-                request_id: String::new(),
-                spec,
-            })
+        let created = create(agent, &id, spec)
             .await
             .unwrap_or_else(|e| panic!("{runtime:?}: create: {e}"));
         let warm = created.warm;
@@ -667,17 +677,7 @@ async fn a_user_namespace_is_refused_under_gvisor_before_anything_is_created() {
     .validate(&SpecLimits::default())
     .unwrap();
     let id = SandboxId::generate();
-    let err = agent
-        .create(CreateSandbox {
-            id: id.clone(),
-            namespace: spec.namespace.to_string(),
-            name: String::new(),
-            claim_uid: String::new(),
-            request_id: String::new(),
-            spec,
-        })
-        .await
-        .unwrap_err();
+    let err = create(&agent, &id, spec).await.unwrap_err();
     assert!(
         matches!(err, fsb_agent::AgentError::FailedPrecondition(_)),
         "{err:?}"
@@ -705,17 +705,7 @@ async fn exposed_ports_with_a_user_namespace_are_refused_under_runc() {
     .validate(&SpecLimits::default())
     .unwrap();
     let id = SandboxId::generate();
-    let err = agent
-        .create(CreateSandbox {
-            id: id.clone(),
-            namespace: spec.namespace.to_string(),
-            name: String::new(),
-            claim_uid: String::new(),
-            request_id: String::new(),
-            spec,
-        })
-        .await
-        .unwrap_err();
+    let err = create(&agent, &id, spec).await.unwrap_err();
     assert!(
         matches!(err, fsb_agent::AgentError::FailedPrecondition(_)),
         "{err:?}"
@@ -748,16 +738,7 @@ async fn a_failed_user_namespace_create_leaves_only_the_remapped_image_behind() 
         .validate(&SpecLimits::default())
         .unwrap();
         let id = SandboxId::generate();
-        let err = agent
-            .create(CreateSandbox {
-                id: id.clone(),
-                namespace: spec.namespace.to_string(),
-                name: String::new(),
-                claim_uid: String::new(),
-                request_id: String::new(),
-                spec,
-            })
-            .await;
+        let err = create(&agent, &id, spec).await;
         assert!(err.is_err(), "{runtime:?}: {err:?}");
         assert!(
             !agent.containers().await.unwrap().contains(&id),
