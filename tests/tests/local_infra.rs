@@ -149,13 +149,21 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Whether the system containerd answers (then `fsb up` would not start its own, and
+/// the private-containerd tests say so and skip).
+async fn system_containerd_answers() -> bool {
+    let answers = version(Path::new(SYSTEM_SOCKET), ANSWER_TIMEOUT)
+        .await
+        .is_ok();
+    if answers {
+        eprintln!("skipped: the system containerd answers, so fsb up would not start its own");
+    }
+    answers
+}
+
 #[tokio::test]
 async fn a_private_containerd_is_started_reused_and_stopped() {
-    if version(Path::new(SYSTEM_SOCKET), ANSWER_TIMEOUT)
-        .await
-        .is_ok()
-    {
-        eprintln!("skipped: the system containerd answers, so fsb up would not start its own");
+    if system_containerd_answers().await {
         return;
     }
     let tmp = short_tmp();
@@ -234,64 +242,54 @@ impl Drop for KillAllOnDrop {
     }
 }
 
-/// What `fsb up` does on a machine without a system containerd, end to end below the
-/// gateway: a private containerd, the busybox image loaded into it, a sandbox; then an
-/// `fsb up` restart that keeps sandboxes: containerd stops, the sandbox (under its
-/// shim) keeps running, the next containerd and agent adopt it.
-#[actix_rt::test]
-async fn kept_sandboxes_survive_a_private_containerd_restart() {
-    if version(Path::new(SYSTEM_SOCKET), ANSWER_TIMEOUT)
-        .await
-        .is_ok()
-    {
-        eprintln!("skipped: the system containerd answers, so fsb up would not start its own");
-        return;
+/// The agent `fsb up` runs on `data`'s containerd, with the host's network.
+fn local_agent_config(
+    data: &DataDir,
+    containerd: fsb_agent::containerd::ContainerdConfig,
+) -> fsb_agent::AgentConfig {
+    fsb_agent::AgentConfig {
+        agent_id: fsb_core::AgentId::from("local"),
+        containerd,
+        log_dir: data.logs_dir(),
+        capacity: 4,
+        network: fsb_agent::NetworkMode::Join(
+            format!("/proc/{}/ns/net", std::process::id()).into(),
+        ),
+        default_runtime: fsb_core::spec::Runtime::Runc,
+        stop_grace: Duration::from_secs(5),
+        registry: fsb_agent::image::RegistryOptions::default(),
+        log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
+        log_retention: Duration::ZERO,
+        warm: fsb_agent::warm::WarmConfig::default(),
+        drop_capabilities: Default::default(),
     }
-    let tmp = short_tmp();
-    let data = DataDir::new(tmp.path().join("d"));
-    let mut guard = KillAllOnDrop {
-        socket: private_socket(&data),
-        pids: Vec::new(),
-        armed: true,
-    };
-    let agent_config =
-        |containerd: fsb_agent::containerd::ContainerdConfig| fsb_agent::AgentConfig {
-            agent_id: fsb_core::AgentId::from("local"),
-            containerd,
-            log_dir: data.logs_dir(),
-            capacity: 4,
-            network: fsb_agent::NetworkMode::Join(
-                format!("/proc/{}/ns/net", std::process::id()).into(),
-            ),
-            default_runtime: fsb_core::spec::Runtime::Runc,
-            stop_grace: Duration::from_secs(5),
-            registry: fsb_agent::image::RegistryOptions::default(),
-            log_max_bytes: fsb_agent::DEFAULT_LOG_MAX_BYTES,
-            log_retention: Duration::ZERO,
-            warm: fsb_agent::warm::WarmConfig::default(),
-            drop_capabilities: Default::default(),
-        };
+}
 
-    let first = ensure_containerd(&data, None, None).await.unwrap();
-    let first_pid = first.pid().unwrap();
-    guard.pids.push(first_pid);
-    let agent = AgentHandle::start(agent_config(first.config().clone()))
-        .await
-        .unwrap();
-    let image = ensure_local_image(
+/// The local busybox image loaded into `agent`'s containerd; whether it was loaded now.
+async fn load_busybox(agent: &AgentHandle, tmp: &Path) -> bool {
+    ensure_local_image(
         agent.images(),
-        &tmp.path().join("work"),
+        &tmp.join("work"),
         Path::new(fsb_local::busybox::DEFAULT_BUSYBOX),
     )
     .await
-    .unwrap();
-    assert!(image.loaded, "a new containerd root holds no image");
+    .unwrap()
+    .loaded
+}
+
+/// A `sleep 3600` sandbox named `name` created directly on `agent`.
+async fn create_sleeper(
+    agent: &AgentHandle,
+    name: &str,
+    user_namespace: bool,
+) -> (SandboxId, fsb_agent::CreatedSandbox) {
     let spec = SandboxSpec {
         namespace: "default".into(),
-        name: "kept".into(),
+        name: name.into(),
         pool_ref: "local".into(),
         image: LOCAL_IMAGE.into(),
         command: vec!["sleep".into(), "3600".into()],
+        user_namespace,
         ..SandboxSpec::default()
     }
     .validate(&SpecLimits::default())
@@ -301,13 +299,88 @@ async fn kept_sandboxes_survive_a_private_containerd_restart() {
         .create(CreateSandbox {
             id: id.clone(),
             namespace: "default".into(),
-            name: "kept".into(),
+            name: name.into(),
             claim_uid: String::new(),
             request_id: String::new(),
             spec,
         })
         .await
         .unwrap();
+    (id, created)
+}
+
+/// `fsb up`'s own layout (the data directory as `fsb up` creates it, its private
+/// containerd inside) lets a user-namespaced sandbox start: the sandbox's root is an
+/// unprivileged host uid, which must traverse the data directory to reach its rootfs.
+/// With the data directory 0700 the mount failed with "permission denied".
+#[actix_rt::test]
+async fn a_user_namespaced_sandbox_starts_in_fsb_ups_own_layout() {
+    use std::os::unix::fs::PermissionsExt;
+    if system_containerd_answers().await {
+        return;
+    }
+    let tmp = short_tmp();
+    // The parent of the default data directory is /var/lib, mode 0755.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = DataDir::new(tmp.path().join("d"));
+    data.create().unwrap();
+    let mut guard = KillAllOnDrop {
+        socket: private_socket(&data),
+        pids: Vec::new(),
+        armed: true,
+    };
+    let containerd = ensure_containerd(&data, None, None).await.unwrap();
+    guard.pids.push(containerd.pid().unwrap());
+    let agent = AgentHandle::start(local_agent_config(&data, containerd.config().clone()))
+        .await
+        .unwrap();
+    load_busybox(&agent, tmp.path()).await;
+    let (id, created) = create_sleeper(&agent, "userns", true).await;
+    guard.pids.push(created.pid);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", created.pid)).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace()
+            .skip(1)
+            .all(|u| u == fsb_agent::userns::HOST_BASE.to_string()),
+        "the sandbox's root is not the range's first host uid: {uid}"
+    );
+
+    agent.delete(id, Some(Duration::ZERO)).await.unwrap();
+    assert!(!process_alive(created.pid));
+    containerd.stop().await.unwrap();
+    guard.armed = false;
+}
+
+/// What `fsb up` does on a machine without a system containerd, end to end below the
+/// gateway: a private containerd, the busybox image loaded into it, a sandbox; then an
+/// `fsb up` restart that keeps sandboxes: containerd stops, the sandbox (under its
+/// shim) keeps running, the next containerd and agent adopt it.
+#[actix_rt::test]
+async fn kept_sandboxes_survive_a_private_containerd_restart() {
+    if system_containerd_answers().await {
+        return;
+    }
+    let tmp = short_tmp();
+    let data = DataDir::new(tmp.path().join("d"));
+    let mut guard = KillAllOnDrop {
+        socket: private_socket(&data),
+        pids: Vec::new(),
+        armed: true,
+    };
+    let agent_config = |containerd| local_agent_config(&data, containerd);
+
+    let first = ensure_containerd(&data, None, None).await.unwrap();
+    let first_pid = first.pid().unwrap();
+    guard.pids.push(first_pid);
+    let agent = AgentHandle::start(agent_config(first.config().clone()))
+        .await
+        .unwrap();
+    assert!(
+        load_busybox(&agent, tmp.path()).await,
+        "a new containerd root holds no image"
+    );
+    let (id, created) = create_sleeper(&agent, "kept", false).await;
     guard.pids.push(created.pid);
     // The sandbox ran with the runtime state under the data directory.
     assert!(
@@ -347,15 +420,8 @@ async fn kept_sandboxes_survive_a_private_containerd_restart() {
         .find(|r| r.id == id)
         .expect("the new agent adopts the kept sandbox");
     assert_eq!(record.phase, SandboxPhase::Running);
-    let image = ensure_local_image(
-        adopted.images(),
-        &tmp.path().join("work"),
-        Path::new(fsb_local::busybox::DEFAULT_BUSYBOX),
-    )
-    .await
-    .unwrap();
     assert!(
-        !image.loaded,
+        !load_busybox(&adopted, tmp.path()).await,
         "the image survives in the data directory's containerd root"
     );
 

@@ -32,7 +32,7 @@ use std::{
 
 use containerd_client::{
     services::v1::snapshots::{
-        CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+        CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
         snapshots_client::SnapshotsClient,
     },
     types::Mount,
@@ -42,7 +42,7 @@ use fsb_core::SandboxId;
 use crate::{
     containerd::{Containerd, SNAPSHOTTER},
     error::AgentError,
-    image::{ImageStore, ResolvedImage},
+    image::{ImageStore, ResolvedImage, unpack::snapshot_exists},
 };
 
 /// First host id of the range sandboxes' ids map to.
@@ -111,11 +111,11 @@ pub async fn remapped_parent(
     scratch: &Path,
 ) -> Result<(String, bool), AgentError> {
     let key = mapping.remapped_key(&image.chain_id);
-    if snapshot_exists(cd, &key).await? {
+    if snapshot_exists(cd, SNAPSHOTTER, &key).await? {
         return Ok((key, false));
     }
     let _one_at_a_time = REMAP_LOCK.lock().await;
-    if snapshot_exists(cd, &key).await? {
+    if snapshot_exists(cd, SNAPSHOTTER, &key).await? {
         return Ok((key, false));
     }
     let work = format!("{WORK_PREFIX}{}", SandboxId::generate());
@@ -180,24 +180,6 @@ async fn remap(
     .await?;
     // Before the lease goes: from here the image keeps it.
     images.keep_with_image(image, &mapping.gc_name(), key).await
-}
-
-async fn snapshot_exists(cd: &Containerd, key: &str) -> Result<bool, AgentError> {
-    let req = cd.request(StatSnapshotRequest {
-        snapshotter: SNAPSHOTTER.to_owned(),
-        key: key.to_owned(),
-    });
-    match cd
-        .call(
-            "stat snapshot",
-            SnapshotsClient::new(cd.channel()).stat(req),
-        )
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(e) if e.is_not_found() => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 fn missing_ok(e: AgentError) -> Result<(), AgentError> {

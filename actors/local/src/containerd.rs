@@ -31,7 +31,7 @@ use std::{
 use containerd_client::services::v1::version_client::VersionClient;
 use fsb_agent::containerd::{ContainerdConfig, DEFAULT_CALL_TIMEOUT};
 
-use crate::{DataDir, LocalError};
+use crate::{DataDir, LocalError, datadir::TRAVERSE_ONLY};
 
 /// The system containerd's socket.
 pub const SYSTEM_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -374,7 +374,7 @@ async fn start_private(
     for dir in ["root", "state", "opt"] {
         create_dir(&paths.dir.join(dir))?;
     }
-    std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700))
+    std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(TRAVERSE_ONLY))
         .map_err(|e| LocalError::io(&paths.dir, e))?;
     write_atomic(
         &paths.config,

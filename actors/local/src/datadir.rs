@@ -42,6 +42,10 @@ impl LocalError {
     }
 }
 
+/// Mode of the directories on the way to a sandbox's rootfs: the owner's, and
+/// traversable (not listable) by the unprivileged uids of user-namespaced sandboxes.
+pub const TRAVERSE_ONLY: u32 = 0o711;
+
 /// Length of a generated token in bytes (hex-encoded: twice as many characters).
 const TOKEN_BYTES: usize = 32;
 
@@ -106,13 +110,32 @@ impl DataDir {
         self.root.join("containerd")
     }
 
-    /// Create the root (mode 0700) and its subdirectories.
+    /// Create the root and its subdirectories. The root is 0711, not 0700: the root of a
+    /// user-namespaced sandbox is an unprivileged host uid that must traverse it to reach
+    /// its rootfs under `containerd/`. Nothing in it can be listed, and what holds
+    /// secrets or sandbox output is the owner's alone: `logs/` 0700, the store 0600
+    /// (SQLite gives its WAL files the store's mode), the token 0600. Modes are set on
+    /// every start, so a data directory of an older version is brought in line.
     pub fn create(&self) -> Result<(), LocalError> {
         for dir in [self.root.clone(), self.logs_dir()] {
             std::fs::create_dir_all(&dir).map_err(|e| LocalError::io(&dir, e))?;
         }
-        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| LocalError::io(&self.root, e))
+        let store = self.store_file();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&store)
+            .map_err(|e| LocalError::io(&store, e))?;
+        for (path, mode) in [
+            (self.root.clone(), TRAVERSE_ONLY),
+            (self.logs_dir(), 0o700),
+            (store, 0o600),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| LocalError::io(&path, e))?;
+        }
+        Ok(())
     }
 
     /// The token, creating it (random, mode 0600) if missing. A token file readable by
@@ -229,6 +252,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(dir.ensure_token().unwrap(), t1);
         assert_eq!(dir.read_token().unwrap(), t1);
+    }
+
+    #[test]
+    fn the_root_is_traversable_and_what_it_holds_is_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("d"));
+        // An older version's layout: root 0700, a store readable by others.
+        std::fs::create_dir_all(dir.root()).unwrap();
+        std::fs::write(dir.store_file(), b"").unwrap();
+        std::fs::set_permissions(dir.store_file(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        dir.create().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.root()), 0o711);
+        assert_eq!(mode(&dir.logs_dir()), 0o700);
+        assert_eq!(mode(&dir.store_file()), 0o600);
+        // A new store file is empty (SQLite's empty database) and private from birth.
+        let fresh = DataDir::new(tmp.path().join("fresh"));
+        fresh.create().unwrap();
+        assert_eq!(std::fs::metadata(fresh.store_file()).unwrap().len(), 0);
+        assert_eq!(mode(&fresh.store_file()), 0o600);
     }
 
     #[test]

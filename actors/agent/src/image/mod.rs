@@ -19,7 +19,7 @@ mod archive;
 mod content;
 pub mod oci;
 mod registry;
-mod unpack;
+pub(crate) mod unpack;
 
 use std::{
     collections::{HashMap, HashSet},
