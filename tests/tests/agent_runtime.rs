@@ -207,6 +207,39 @@ async fn a_new_runtime_finds_the_running_sandboxes() {
     }
 }
 
+/// A listing is not bounded by one gRPC message: a container carries its OCI spec
+/// (~8 KB), so 600 warm instances outgrew containerd's 4 MiB answer and the orphan
+/// scan, and an agent restart's adoption, failed ("decoded message length too
+/// large"). Three running sandboxes with 1.5 MB specs stand in for them; each comes
+/// back with its task's state and pid.
+#[tokio::test]
+async fn a_listing_larger_than_one_grpc_message_is_read_whole() {
+    let env = ContainerdEnv::from_env();
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    let mut started = Vec::new();
+    for _ in 0..3 {
+        let mut plan = fsb_tests::shell_plan(&env, &rt, Runtime::Runc, "while :; do sleep 1; done")
+            .await
+            .unwrap();
+        let mut spec: serde_json::Value = serde_json::from_slice(&plan.spec_json).unwrap();
+        spec["annotations"] =
+            serde_json::json!({ "fast-sandbox.io/padding": "x".repeat(1_500_000) });
+        plan.spec_json = serde_json::to_vec(&spec).unwrap();
+        let s = rt.create(&plan).await.unwrap();
+        started.push((plan.id, s.pid));
+    }
+    let found = rt.list(None).await.unwrap();
+    let labelled = rt.list_labels(None).await.unwrap();
+    for (id, pid) in &started {
+        let s = found.iter().find(|s| &s.id == id).expect("listed");
+        assert_eq!((s.state, s.pid), (TaskState::Running, *pid));
+        assert!(labelled.iter().any(|c| &c.id == id), "listed without tasks");
+    }
+    for (id, _) in &started {
+        assert!(rt.remove(id, Duration::ZERO).await.unwrap());
+    }
+}
+
 #[tokio::test]
 async fn a_repeated_create_never_destroys_the_first() {
     let env = ContainerdEnv::from_env();

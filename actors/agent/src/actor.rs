@@ -5,7 +5,11 @@
 //! stream is re-established after containerd restarts) the actor receives the list of
 //! our containers and rebuilds its state from their labels and tasks.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use actix::{
     Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, MessageResult, ResponseActFuture,
@@ -46,8 +50,6 @@ pub const LABEL_WARM: &str = "fast-sandbox.io/warm";
 pub const LABEL_WARM_DROP: &str = "fast-sandbox.io/warm-drop-capabilities";
 /// How often the warm levels are topped up (a claim also triggers a refill).
 const REFILL_INTERVAL: Duration = Duration::from_millis(250);
-/// Refills yield to claims (see [`crate::warm`]) until none has come for this long.
-const CLAIMS_QUIET: Duration = Duration::from_millis(200);
 /// After a failed instance start, refills pause this long (a missing image must not
 /// turn into a tight loop of failing creates).
 const REFILL_BACKOFF: Duration = Duration::from_secs(2);
@@ -71,8 +73,9 @@ pub(crate) struct AgentActor {
     /// fsb-init on the host; `None` when nothing is kept warm.
     warm_init: Option<std::path::PathBuf>,
     refill_paused_until: Option<std::time::Instant>,
-    /// When a create last took a warm instance.
-    last_claim: Option<std::time::Instant>,
+    /// When creates took warm instances, within [`warm::CLAIM_WINDOW`]: refills yield
+    /// to them by their pace.
+    recent_claims: VecDeque<std::time::Instant>,
     /// Unclaimed instances found at startup that cannot serve (not running, or no
     /// longer wanted): removed once the actor runs.
     discard: Vec<SandboxId>,
@@ -149,7 +152,7 @@ impl AgentActor {
             warm,
             warm_init: parts.warm.init,
             refill_paused_until: None,
-            last_claim: None,
+            recent_claims: VecDeque::new(),
             discard,
             relabel,
             changes,
@@ -210,8 +213,15 @@ impl AgentActor {
         {
             return;
         }
-        let claiming = self.last_claim.is_some_and(|t| t.elapsed() < CLAIMS_QUIET);
-        for (id, key) in self.warm.refills(claiming) {
+        while self
+            .recent_claims
+            .front()
+            .is_some_and(|t| t.elapsed() >= warm::CLAIM_WINDOW)
+        {
+            self.recent_claims.pop_front();
+        }
+        let pace = warm::ClaimPace::of(self.recent_claims.len());
+        for (id, key) in self.warm.refills(pace) {
             let mut labels = HashMap::from([
                 (LABEL_AGENT_UID.to_owned(), self.agent_id.to_string()),
                 (LABEL_WARM.to_owned(), warm_label(&key)),
@@ -360,7 +370,7 @@ impl Handler<Create> for AgentActor {
         let how = self.start_how(&req.id, &req.spec, runtime);
         if how == StartHow::Claim {
             // Replace what was taken.
-            self.last_claim = Some(std::time::Instant::now());
+            self.recent_claims.push_back(std::time::Instant::now());
             ctx.notify(RefillNow);
         }
         let start = Start {
@@ -618,6 +628,12 @@ impl Handler<Subscribe> for AgentActor {
     fn handle(&mut self, _msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(self.changes.subscribe())
     }
+}
+
+/// Whether a container with these labels (a pending claim's applied) is an unclaimed
+/// warm instance: the agent's own, not a sandbox.
+pub(crate) fn unclaimed_warm(labels: &HashMap<String, String>) -> bool {
+    labels.get(LABEL_WARM).is_some_and(|v| !v.is_empty())
 }
 
 /// `Some` for an unclaimed warm instance (with its key, if the label parses).

@@ -4,6 +4,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use actix::{Actor, Addr};
 use fsb_core::{AgentId, SandboxId, spec::Runtime};
+use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use crate::{
@@ -59,6 +60,9 @@ pub struct AgentConfig {
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// How long [`AgentHandle::stop_warm`] waits for instances still starting.
 const STOP_WARM_WAIT: Duration = Duration::from_secs(30);
+/// Warm instances removed at once on shutdown: each removal is mostly `runc` and shim
+/// work, so a few in parallel keep both cores busy without a pile-up in containerd.
+const STOP_WARM_PARALLEL: usize = 4;
 /// How often log sizes are checked.
 pub const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -152,30 +156,39 @@ impl AgentHandle {
     /// Ids of every sandbox container of this agent in containerd, straight from
     /// containerd (not the agent's table): finds containers the table does not know.
     /// Unclaimed warm instances are the agent's own, not sandboxes, and are left out.
+    /// Tasks are not asked for: the orphan scan calls this every few seconds.
     pub async fn containers(&self) -> Result<Vec<SandboxId>, AgentError> {
         Ok(self
             .runtime
-            .list(Some(self.agent_id.as_str()))
+            .list_labels(Some(self.agent_id.as_str()))
             .await?
             .into_iter()
-            .filter(|o| crate::actor::warm_key_of(o).is_none())
-            .map(|o| o.id)
+            .filter(|c| !crate::actor::unclaimed_warm(&c.labels))
+            .map(|c| c.id)
             .collect())
     }
 
     /// Stop keeping instances warm and remove them (on shutdown, when nothing is to
     /// be left behind): the ready ones, and those still starting once their start
-    /// ends (waited for up to [`STOP_WARM_WAIT`]; a start cannot be cut short without
-    /// leaving its container to containerd). Returns how many were removed.
+    /// ends. A start cannot be cut short without leaving its container to containerd,
+    /// so it is waited for, up to [`STOP_WARM_WAIT`] without any instance becoming
+    /// ready (removing hundreds takes longer than that, and must not use the wait up).
+    /// Removals run [`STOP_WARM_PARALLEL`] at a time. Returns how many were removed.
     pub async fn stop_warm(&self) -> Result<usize, AgentError> {
-        let deadline = tokio::time::Instant::now() + STOP_WARM_WAIT;
+        let mut deadline = tokio::time::Instant::now() + STOP_WARM_WAIT;
         let mut removed = 0;
         loop {
             let (ready, starting) = self.addr.send(StopWarm).await.map_err(stopped)?;
-            for id in ready {
-                if self.runtime.remove(&id, Duration::ZERO).await? {
-                    removed += 1;
+            if !ready.is_empty() {
+                let results: Vec<Result<bool, AgentError>> = futures::stream::iter(ready)
+                    .map(|id| async move { self.runtime.remove(&id, Duration::ZERO).await })
+                    .buffer_unordered(STOP_WARM_PARALLEL)
+                    .collect()
+                    .await;
+                for result in results {
+                    removed += usize::from(result?);
                 }
+                deadline = tokio::time::Instant::now() + STOP_WARM_WAIT;
             }
             if starting == 0 {
                 return Ok(removed);

@@ -18,8 +18,8 @@ use containerd_client::{
     services::v1::{
         Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
         DeleteTaskRequest, GetRequest as GetTaskRequest, KillRequest, ListContainersRequest,
-        PublishRequest, StartRequest, SubscribeRequest, UpdateContainerRequest, UpdateTaskRequest,
-        WaitRequest,
+        ListTasksRequest, PublishRequest, StartRequest, SubscribeRequest, UpdateContainerRequest,
+        UpdateTaskRequest, WaitRequest,
         containers_client::ContainersClient,
         events_client::EventsClient,
         snapshots::{
@@ -101,6 +101,22 @@ pub struct Started {
     pub pid: u32,
     /// Where the time went.
     pub timings: CreateTimings,
+}
+
+/// One of our containers as containerd holds it, its task not asked for
+/// ([`ContainerdRuntime::list_labels`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Labelled {
+    /// The sandbox id (the container id).
+    pub id: SandboxId,
+    /// Its labels, a pending claim's applied.
+    pub labels: HashMap<String, String>,
+    /// The image it was created from.
+    pub image: String,
+    /// When containerd created it.
+    pub created_at: Option<SystemTime>,
+    /// A claim's labels not yet in containerd (see [`ObservedSandbox::pending_labels`]).
+    pub pending_labels: Option<HashMap<String, String>>,
 }
 
 /// A sandbox's task as containerd reports it.
@@ -738,7 +754,58 @@ impl ContainerdRuntime {
     /// Every container of ours (label `fast-sandbox.io/managed=true`) with its task;
     /// with `agent`, only those that agent created (several agents may share one
     /// containerd, e.g. pods of different pools on one node).
+    ///
+    /// Two calls, whatever the count: [`Self::list_labels`], then every task of the
+    /// namespace at once. Tasks are listed after containers, so a container's task
+    /// started in between is seen.
     pub async fn list(&self, agent: Option<&str>) -> Result<Vec<ObservedSandbox>, AgentError> {
+        let containers = self.list_labels(agent).await?;
+        let tasks: HashMap<String, (TaskState, u32)> = self
+            .cd
+            .call(
+                "list tasks",
+                TasksClient::new(self.cd.channel())
+                    .list(self.cd.request(ListTasksRequest::default())),
+            )
+            .await?
+            .tasks
+            .into_iter()
+            // containerd 1.6 names the init process's container in `id` alone.
+            .map(|p| {
+                let container = if p.container_id.is_empty() {
+                    p.id
+                } else {
+                    p.container_id
+                };
+                (container, (task_state(p.status, p.exit_status), p.pid))
+            })
+            .collect();
+        Ok(containers
+            .into_iter()
+            .map(|c| {
+                let (state, pid) = tasks
+                    .get(c.id.as_str())
+                    .copied()
+                    .unwrap_or((TaskState::Missing, 0));
+                ObservedSandbox {
+                    id: c.id,
+                    labels: c.labels,
+                    image: c.image,
+                    state,
+                    pid,
+                    created_at: c.created_at,
+                    pending_labels: c.pending_labels,
+                }
+            })
+            .collect())
+    }
+
+    /// Our containers as [`Self::list`] gives them, without their tasks (no shim is
+    /// asked anything): for callers that only need ids and labels, such as the orphan
+    /// scan, which runs every few seconds beside hundreds of warm instances. Streamed,
+    /// one container per message: a container carries its OCI spec (~8 KB), so
+    /// hundreds outgrow a single 4 MiB answer. Sorted by id.
+    pub async fn list_labels(&self, agent: Option<&str>) -> Result<Vec<Labelled>, AgentError> {
         let mut filter = format!("labels.\"{LABEL_MANAGED}\"==true");
         if let Some(agent) = agent {
             filter.push_str(&format!(",labels.\"{LABEL_AGENT_UID}\"=={agent:?}"));
@@ -746,37 +813,33 @@ impl ContainerdRuntime {
         let req = ListContainersRequest {
             filters: vec![filter],
         };
-        let containers = self
+        let timeout = self.cd.config().call_timeout;
+        let mut stream = self
             .cd
             .call(
                 "list containers",
-                ContainersClient::new(self.cd.channel()).list(self.cd.request(req)),
+                ContainersClient::new(self.cd.channel()).list_stream(self.cd.request(req)),
             )
             .await?;
-        let mut out = Vec::with_capacity(containers.containers.len());
-        for c in containers.containers {
+        let containers = tokio::time::timeout(timeout, async {
+            let mut containers = Vec::new();
+            while let Some(message) = stream.message().await? {
+                containers.extend(message.container);
+            }
+            Ok::<_, tonic::Status>(containers)
+        })
+        .await
+        .map_err(|_| AgentError::Timeout {
+            op: "list containers",
+            secs: timeout.as_secs(),
+        })?
+        .map_err(|status| AgentError::containerd("list containers", status))?;
+        let mut out = Vec::with_capacity(containers.len());
+        for c in containers {
             // Someone else's container with our label but a foreign id: not ours to manage.
             let Ok(id) = SandboxId::parse("container id", &c.id) else {
                 tracing::warn!(container = %c.id, "managed label on a container with a foreign id; ignored");
                 continue;
-            };
-            let req = GetTaskRequest {
-                container_id: c.id.clone(),
-                exec_id: String::new(),
-            };
-            let (state, pid) = match self
-                .cd
-                .call(
-                    "get task",
-                    TasksClient::new(self.cd.channel()).get(self.cd.request(req)),
-                )
-                .await
-            {
-                Ok(resp) => resp.process.map_or((TaskState::Missing, 0), |p| {
-                    (task_state(p.status, p.exit_status), p.pid)
-                }),
-                Err(e) if e.is_not_found() => (TaskState::Missing, 0),
-                Err(e) => return Err(e),
             };
             let mut labels = c.labels;
             // A warm instance claimed before containerd had its new labels: it is the
@@ -795,12 +858,10 @@ impl ContainerdRuntime {
                     }
                 }
             }
-            out.push(ObservedSandbox {
+            out.push(Labelled {
                 id,
                 labels,
                 image: c.image,
-                state,
-                pid,
                 created_at: c.created_at.and_then(|t| SystemTime::try_from(t).ok()),
                 pending_labels,
             });

@@ -8,10 +8,12 @@
 //!   oldest ready one goes first;
 //! - refills never exceed the target per key, the number of starts in flight, or the
 //!   memory budget (every ready or starting instance is charged its estimate);
-//! - while claims are arriving, refills yield to them: one start in flight at a time,
-//!   unless a key has fallen below its low-water mark ([`low_water`]). A start costs
-//!   tens of milliseconds of CPU (shim, `runc create`), a claim about one; on a small
-//!   node, starts at full width during a burst slow every claim of the burst.
+//! - while claims are arriving, refills yield to them ([`ClaimPace`]): at a trickle one
+//!   start in flight at a time, during a burst none, unless a key has fallen below its
+//!   low-water mark ([`low_water`]). A start costs tens of milliseconds of CPU (shim,
+//!   `runc create`), a claim about one; on a small node, starts during a burst slow
+//!   every claim of the burst, and one start at a time cannot replace a burst's claims
+//!   anyway: the pool is topped up when it ends, at full width.
 //! - lowering a target makes the extra ready instances surplus, to be removed; an
 //!   instance still starting is never surplus (it is counted, then trimmed once ready).
 
@@ -175,6 +177,35 @@ pub fn low_water(target: usize) -> usize {
     target.div_ceil(4).max(1)
 }
 
+/// How recently claims are counted for [`ClaimPace`].
+pub const CLAIM_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Claims within [`CLAIM_WINDOW`] from which on they are a burst: 4 in 200 ms is 20 a
+/// second, about what one start at a time (~50 ms each) can replace.
+pub const BURST_CLAIMS: usize = 4;
+
+/// How fast claims are arriving, as the refill sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimPace {
+    /// None within the window: refills go at full width.
+    Quiet,
+    /// Fewer than [`BURST_CLAIMS`]: one start in flight at a time.
+    Trickle,
+    /// [`BURST_CLAIMS`] or more: no new starts until it ends.
+    Burst,
+}
+
+impl ClaimPace {
+    /// The pace of `recent` claims within [`CLAIM_WINDOW`].
+    pub fn of(recent: usize) -> Self {
+        match recent {
+            0 => Self::Quiet,
+            n if n < BURST_CLAIMS => Self::Trickle,
+            _ => Self::Burst,
+        }
+    }
+}
+
 /// Ready and wanted instances of one key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WarmLevel {
@@ -241,9 +272,9 @@ impl WarmState {
     }
 
     /// Instances to start now (each with a new id), within every limit; they count as
-    /// starting until [`Self::started`] or [`Self::failed`]. `claiming`: claims arrived
-    /// just now, so keys at or above their low-water mark get one start at a time.
-    pub fn refills(&mut self, claiming: bool) -> Vec<(SandboxId, WarmKey)> {
+    /// starting until [`Self::started`] or [`Self::failed`]. Keys at or above their
+    /// low-water mark yield to claims at `pace`.
+    pub fn refills(&mut self, pace: ClaimPace) -> Vec<(SandboxId, WarmKey)> {
         let mut out = Vec::new();
         let targets: Vec<(WarmKey, usize)> =
             self.targets.iter().map(|(k, n)| (k.clone(), *n)).collect();
@@ -256,7 +287,12 @@ impl WarmState {
                     return out;
                 }
                 let ready = self.ready.get(key).map_or(0, VecDeque::len);
-                if claiming && ready >= low_water(*target) && !self.starting.is_empty() {
+                let yields = match pace {
+                    ClaimPace::Quiet => false,
+                    ClaimPace::Trickle => !self.starting.is_empty(),
+                    ClaimPace::Burst => true,
+                };
+                if yields && ready >= low_water(*target) {
                     continue;
                 }
                 if self.held(key) < *target {
@@ -456,7 +492,7 @@ mod tests {
     fn start_all(s: &mut WarmState) -> Vec<SandboxId> {
         let mut ids = Vec::new();
         loop {
-            let batch = s.refills(false);
+            let batch = s.refills(ClaimPace::Quiet);
             if batch.is_empty() {
                 return ids;
             }
@@ -475,10 +511,10 @@ mod tests {
         });
         let busybox = key("busybox", Runtime::Runc);
         assert!(s.set_targets([(busybox.clone(), 5)]).is_empty());
-        let first = s.refills(false);
+        let first = s.refills(ClaimPace::Quiet);
         assert_eq!(first.len(), 2, "two starts at a time");
         assert!(
-            s.refills(false).is_empty(),
+            s.refills(ClaimPace::Quiet).is_empty(),
             "none more while two are starting"
         );
         for (id, _) in &first {
@@ -493,50 +529,55 @@ mod tests {
                 target: 5
             }
         );
-        assert!(s.refills(false).is_empty(), "full");
+        assert!(s.refills(ClaimPace::Quiet).is_empty(), "full");
     }
 
     #[test]
-    fn while_claims_arrive_refills_go_one_at_a_time_until_the_low_water_mark() {
-        let mut s = WarmState::new(WarmLimits {
+    fn refills_yield_to_claims_by_their_pace_until_the_low_water_mark() {
+        use ClaimPace::{Burst, Quiet, Trickle};
+        let limits = WarmLimits {
             max_starting: 4,
             ..WarmLimits::default()
-        });
+        };
         let k = key("busybox", Runtime::Runc);
+        let mut s = WarmState::new(limits);
         s.set_targets([(k.clone(), 8)]);
-        // None ready, so below the low-water mark (2 of 8): full width despite claims.
-        let first = s.refills(true);
+        // None ready, so below the low-water mark (2 of 8): full width despite a burst.
+        let first = s.refills(Burst);
         assert_eq!(first.len(), 4);
         for (id, _) in &first {
             assert!(s.started(id));
         }
         start_all(&mut s);
         assert_eq!(s.levels()[&k].ready, 8);
-        // Claims take 4: 4 held, above the mark, so one start at a time.
+        // Claims take 4: 4 held, above the mark. During a burst nothing starts.
         for _ in 0..4 {
             s.claim(&k).unwrap();
         }
-        let one = s.refills(true);
+        assert!(s.refills(Burst).is_empty(), "a burst holds the refill");
+        // At a trickle, one start at a time.
+        let one = s.refills(Trickle);
         assert_eq!(one.len(), 1);
         assert!(
-            s.refills(true).is_empty(),
+            s.refills(Trickle).is_empty(),
             "one start in flight is the limit"
         );
         // Once the claims stop, the rest start at full width.
-        assert_eq!(s.refills(false).len(), 3);
-        // Claims that drain the key below its mark (1 ready < 2) lift the limit again.
-        let mut s = WarmState::new(WarmLimits {
-            max_starting: 4,
-            ..WarmLimits::default()
-        });
+        assert_eq!(s.refills(Quiet).len(), 3);
+        // Claims that drain the key below its mark (1 ready < 2) lift the hold.
+        let mut s = WarmState::new(limits);
         s.set_targets([(k.clone(), 8)]);
         start_all(&mut s);
         for _ in 0..7 {
             s.claim(&k).unwrap();
         }
-        assert_eq!(s.refills(true).len(), 4);
+        assert_eq!(s.refills(Burst).len(), 4);
         assert_eq!(low_water(1), 1);
         assert_eq!(low_water(600), 150);
+        // The pace of the claims counted within the window.
+        assert_eq!(ClaimPace::of(0), Quiet);
+        assert_eq!(ClaimPace::of(BURST_CLAIMS - 1), Trickle);
+        assert_eq!(ClaimPace::of(BURST_CLAIMS), Burst);
     }
 
     #[test]
@@ -583,10 +624,10 @@ mod tests {
         assert_eq!(surplus, vec![ids[2].clone(), ids[1].clone()]);
         assert_eq!(s.claim(&k), Some(ids[0].clone()));
         s.set_targets([(k.clone(), 1)]);
-        let (id, _) = s.refills(false).pop().unwrap();
+        let (id, _) = s.refills(ClaimPace::Quiet).pop().unwrap();
         s.failed(&id);
         assert!(!s.started(&id), "a failed start is not ready");
-        assert_eq!(s.refills(false).len(), 1, "tried again");
+        assert_eq!(s.refills(ClaimPace::Quiet).len(), 1, "tried again");
         assert_eq!(
             s.set_targets([]).len(),
             0,
@@ -601,10 +642,13 @@ mod tests {
         let id = SandboxId::generate();
         s.adopt(id.clone(), k.clone());
         assert_eq!(s.set_targets([(k.clone(), 1)]).len(), 0);
-        assert!(s.refills(false).is_empty(), "the adopted one counts");
+        assert!(
+            s.refills(ClaimPace::Quiet).is_empty(),
+            "the adopted one counts"
+        );
         assert!(s.lost(&id));
         assert!(!s.lost(&id));
-        assert_eq!(s.refills(false).len(), 1);
+        assert_eq!(s.refills(ClaimPace::Quiet).len(), 1);
     }
 
     #[test]
