@@ -57,7 +57,7 @@ async fn a_claimed_warm_instance_runs_the_claimed_process_on_every_runtime() {
     for runtime in [Runtime::Runc, Runtime::Crun, Runtime::Gvisor] {
         let plan = warm_plan(&env, &rt, runtime).await;
         let id = plan.id.clone();
-        rt.create(&plan).await.unwrap();
+        let init_pid = rt.create(&plan).await.unwrap().pid;
         assert!(
             matches!(rt.task_state(&id).await.unwrap(), TaskState::Running),
             "{runtime:?}: fsb-init waits for its spec"
@@ -79,7 +79,9 @@ async fn a_claimed_warm_instance_runs_the_claimed_process_on_every_runtime() {
         };
         let sent_us = now_us();
         let sent = Instant::now();
-        let report = rt.hand_over(&id, &spec, DEADLINE).await.unwrap();
+        // runc and crun: straight into the stdin pipe; gVisor: through the FIFO.
+        let direct = (runtime != Runtime::Gvisor).then_some(init_pid);
+        let report = rt.hand_over(&id, direct, &spec, DEADLINE).await.unwrap();
         eprintln!(
             "{runtime:?}: claim -> process started {} us (report seen after {:?})",
             report.unix_us.saturating_sub(sent_us),
@@ -156,26 +158,73 @@ async fn an_unclaimed_instance_stops_at_once_and_a_spent_one_cannot_be_claimed_a
 
     // Spent: once its process has exited, a second claim fails instead of hanging.
     let plan = warm_plan(&env, &rt, Runtime::Runc).await;
-    rt.create(&plan).await.unwrap();
+    let init_pid = rt.create(&plan).await.unwrap().pid;
     let spec = InitSpec {
         argv: vec!["true".into()],
         env: vec![("PATH".into(), "/bin".into())],
         ..InitSpec::default()
     };
-    rt.hand_over(&plan.id, &spec, DEADLINE).await.unwrap();
+    rt.hand_over(&plan.id, Some(init_pid), &spec, DEADLINE)
+        .await
+        .unwrap();
     wait_until("the process to exit", DEADLINE, || async {
         Ok(matches!(rt.task_state(&plan.id).await?, TaskState::Stopped { .. }).then_some(()))
     })
     .await
     .unwrap();
+    // Its init is gone, so the direct way fails and the FIFO has no reader.
     let again = rt
-        .hand_over(&plan.id, &spec, Duration::from_millis(500))
+        .hand_over(&plan.id, Some(init_pid), &spec, Duration::from_millis(500))
         .await;
     assert!(
         again.is_err(),
         "a spent instance is never claimed twice: {again:?}"
     );
     assert!(rt.remove(&plan.id, Duration::from_secs(1)).await.unwrap());
+}
+
+/// With the init's pid (runc, crun) the spec goes straight into the pipe that is the
+/// init's stdin, not through the stdin FIFO: with the FIFO's path gone a claim still
+/// works. A pid that is not the instance's init (this test's own) is never written
+/// to: that claim falls back to the FIFO, and fails once the FIFO is gone.
+#[tokio::test]
+async fn a_claim_writes_into_the_inits_stdin_pipe_and_only_the_inits() {
+    let env = ContainerdEnv::from_env();
+    let rt = fsb_tests::container_runtime(&env).await.unwrap();
+    let spec = InitSpec {
+        argv: vec!["true".into()],
+        env: vec![("PATH".into(), "/bin".into())],
+        ..InitSpec::default()
+    };
+    let foreign = Some(std::process::id());
+    for runtime in [Runtime::Runc, Runtime::Crun] {
+        let direct = warm_plan(&env, &rt, runtime).await;
+        let pid = rt.create(&direct).await.unwrap().pid;
+        std::fs::remove_file(rt.stdin_fifo(&direct.id)).unwrap();
+        rt.hand_over(&direct.id, Some(pid), &spec, DEADLINE)
+            .await
+            .unwrap_or_else(|e| panic!("{runtime:?}: by pid, without the FIFO: {e}"));
+
+        let fallback = warm_plan(&env, &rt, runtime).await;
+        rt.create(&fallback).await.unwrap();
+        rt.hand_over(&fallback.id, foreign, &spec, DEADLINE)
+            .await
+            .unwrap_or_else(|e| panic!("{runtime:?}: a foreign pid falls back to the FIFO: {e}"));
+
+        let refused = warm_plan(&env, &rt, runtime).await;
+        rt.create(&refused).await.unwrap();
+        std::fs::remove_file(rt.stdin_fifo(&refused.id)).unwrap();
+        let err = rt
+            .hand_over(&refused.id, foreign, &spec, Duration::from_millis(500))
+            .await;
+        assert!(
+            err.is_err(),
+            "{runtime:?}: written to a foreign pid: {err:?}"
+        );
+        for id in [&direct.id, &fallback.id, &refused.id] {
+            assert!(rt.remove(id, Duration::ZERO).await.unwrap());
+        }
+    }
 }
 
 /// Claim `plan`'s instance with `sh -c script` and return its stdout after the report.
@@ -185,7 +234,7 @@ async fn claim_and_read(rt: &ContainerdRuntime, id: &fsb_core::SandboxId, script
         env: vec![("PATH".into(), "/bin:/usr/bin".into())],
         ..InitSpec::default()
     };
-    rt.hand_over(id, &spec, DEADLINE).await.unwrap();
+    rt.hand_over(id, None, &spec, DEADLINE).await.unwrap();
     wait_until("the claimed process to exit", DEADLINE, || async {
         Ok(matches!(rt.task_state(id).await?, TaskState::Stopped { .. }).then_some(()))
     })
@@ -287,7 +336,7 @@ async fn limits_are_applied_to_a_running_instance_on_runc_and_crun() {
             env: vec![("PATH".into(), "/bin:/usr/bin".into())],
             ..InitSpec::default()
         };
-        rt.hand_over(&plan.id, &spec, DEADLINE).await.unwrap();
+        rt.hand_over(&plan.id, None, &spec, DEADLINE).await.unwrap();
         wait_until(
             "init and the claimed process in the cgroup",
             DEADLINE,

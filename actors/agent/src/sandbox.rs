@@ -386,7 +386,11 @@ async fn claim(
 
     let t = Instant::now();
     let sent_us = unix_us_now();
-    let report = runtime.hand_over(id, &process, HANDOVER_TIMEOUT).await?;
+    // runc and crun run fsb-init as a host process whose stdin is the shim's pipe.
+    let init_pid = (pid != 0 && msg.runtime != Runtime::Gvisor).then_some(pid);
+    let report = runtime
+        .hand_over(id, init_pid, &process, HANDOVER_TIMEOUT)
+        .await?;
     let handover = t.elapsed();
     // containerd's copy of the labels follows (the claim file stands for it until then).
     let (relabel, rid) = (runtime.clone(), id.clone());
