@@ -274,7 +274,7 @@ pub struct ModeReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold: Option<usize>,
     /// With `--warm`: measured creates per second of round wall time (creates only,
-    /// the untimed removals excluded; rounds wholly past the warmup).
+    /// the untimed removals excluded; the warmup runs in batches of its own first).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub creates_per_s: Option<f64>,
 }
@@ -773,6 +773,18 @@ where
     Ok((timings, wall))
 }
 
+/// The batches of a run, in order, as (creates, measured): the warmup first, in
+/// batches of its own (never timed, so no measured batch mixes in a warmup create and
+/// none is cut short by one), then `count` in batches of `round` (the last one
+/// shorter if `round` does not divide it).
+fn batch_sizes(warmup: usize, count: usize, round: usize) -> Vec<(usize, bool)> {
+    let round = round.max(1);
+    let chunks = |total: usize, measured: bool| {
+        (0..total.div_ceil(round)).map(move |i| ((total - i * round).min(round), measured))
+    };
+    chunks(warmup, false).chain(chunks(count, true)).collect()
+}
+
 /// Which path a batch measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lane {
@@ -866,24 +878,24 @@ pub async fn run(
         ),
         None => None,
     };
+    let round_size = if config.round == 0 {
+        config.concurrency
+    } else {
+        config.round
+    };
     let total = config.warmup + config.count;
     let mut fsb_samples: Vec<Vec<FsbSample>> = vec![Vec::new(); paths.len()];
     // Creates and the wall time they took, over measured batches only.
     let mut fsb_walls: Vec<(usize, Duration)> = vec![(0, Duration::ZERO); paths.len()];
     let mut raw_samples = Vec::new();
-    let (mut done, mut round) = (0, 0);
-    while done < total {
+    let mut done = 0;
+    for (round, (n, measured)) in batch_sizes(config.warmup, config.count, round_size)
+        .into_iter()
+        .enumerate()
+    {
         if stop.load(Ordering::SeqCst) {
             return Err(BenchError::Interrupted { done });
         }
-        let round_size = if config.round == 0 {
-            config.concurrency
-        } else {
-            config.round
-        };
-        let n = round_size.min(total - done);
-        // Samples of this batch with index < warmup are discarded.
-        let skip = config.warmup.saturating_sub(done).min(n);
         for lane in round_order(round, paths.len(), raw.is_some()) {
             match (lane, &raw) {
                 (Lane::Fsb(i), _) => {
@@ -895,23 +907,24 @@ pub async fn run(
                         |(name, _)| fsb.delete(name),
                     )
                     .await?;
-                    if skip == 0 {
+                    if measured {
                         fsb_walls[i].0 += n;
                         fsb_walls[i].1 += wall;
+                        fsb_samples[i].extend(t);
                     }
-                    fsb_samples[i].extend(t.into_iter().skip(skip));
                 }
                 (Lane::Raw, Some(raw)) => {
                     let (t, _) =
                         batch(n, config.concurrency, || raw.create(), |id| raw.remove(id)).await?;
-                    raw_samples.extend(t.into_iter().skip(skip).map(|(d, s, _)| (d, s)));
+                    if measured {
+                        raw_samples.extend(t.into_iter().map(|(d, s, _)| (d, s)));
+                    }
                 }
                 (Lane::Raw, None) => {}
             }
         }
-        tracing::debug!(done = done + n, total, "bench batch done");
         done += n;
-        round += 1;
+        tracing::debug!(done, total, "bench batch done");
     }
     let mut fsb_times = Vec::with_capacity(paths.len());
     let mut fsb_stages = Vec::with_capacity(paths.len());
@@ -960,6 +973,26 @@ mod tests {
 
     fn ms(v: &[u64]) -> Vec<Duration> {
         v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    #[test]
+    fn the_warmup_runs_in_batches_of_its_own_before_the_measured_rounds() {
+        assert_eq!(
+            batch_sizes(3, 500, 100),
+            [
+                (3, false),
+                (100, true),
+                (100, true),
+                (100, true),
+                (100, true),
+                (100, true)
+            ]
+        );
+        assert_eq!(
+            batch_sizes(10, 20, 8),
+            [(8, false), (2, false), (8, true), (8, true), (4, true)]
+        );
+        assert_eq!(batch_sizes(0, 2, 0), [(1, true), (1, true)]);
     }
 
     #[test]
