@@ -80,6 +80,7 @@ case "$bench" in
       --warm "fsb.local/busybox:latest=$runc_warm:runc" \
       --warm "fsb.local/busybox:latest=$gvisor_warm:gvisor" \
       --warm-memory-mib 8192 --warm-max-starting "${FSB_BENCH_MAX_STARTING:-2}" \
+      ${FSB_BENCH_CAPACITY:+--capacity "$FSB_BENCH_CAPACITY"} \
       --stop-sandboxes-on-exit >"$data/up.log" 2>&1 &
     up_pid=$!
     # --stop-sandboxes-on-exit: fsb up removes its sandboxes and warm instances.
@@ -93,10 +94,13 @@ case "$bench" in
       "--runtime gvisor --concurrency 1")
     # FSB_BENCH_ONLY=N (0-based) runs only that one.
     [[ -z "${FSB_BENCH_ONLY:-}" ]] || runs=("${runs[$FSB_BENCH_ONLY]}")
+    # FSB_BENCH_RAW=0: fsb rounds only, no raw cold containerd rounds between them.
+    raw="--compare-raw"
+    [[ "${FSB_BENCH_RAW:-1}" != 0 ]] || raw=""
     for args in "${runs[@]}"; do
-      echo "==> fsb bench --warm --count $count --compare-raw $args" >&2
+      echo "==> fsb bench --warm --count $count $raw $args" >&2
       # shellcheck disable=SC2086
-      "$fsb" --data-dir "$data" bench --warm --count "$count" --compare-raw $args "$@"
+      "$fsb" --data-dir "$data" bench --warm --count "$count" $raw $args "$@"
       sleep "${FSB_BENCH_REFILL_SECONDS:-30}"
     done
     ;;
