@@ -314,6 +314,19 @@ async fn agent_control_accepts_only_the_pool_a_certificate_names() -> Result<()>
     let a = s.agent("a")?;
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
         kube::Api::namespaced(s.client.clone(), &s.ns);
+    // Once the test kubelet has reported pod a Ready it writes its status no more;
+    // patched before that, its Ready report would put the pod's address back.
+    wait_until("pod a Ready", DEADLINE, || async {
+        let pod = pods.get(&a.name).await?;
+        let ready = pod
+            .status
+            .and_then(|st| st.conditions)
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        Ok(ready.then_some(()))
+    })
+    .await?;
     let elsewhere = serde_json::json!({"status": {
         "podIP": "10.255.0.1", "podIPs": [{"ip": "10.255.0.1"}],
     }});
