@@ -192,8 +192,7 @@ impl Actor for AgentActor {
         }
         // Instances claimed just before the last agent stopped: their labels, still.
         for (id, labels) in std::mem::take(&mut self.relabel) {
-            let runtime = self.runtime.clone();
-            tokio::spawn(async move { runtime.set_labels_eventually(&id, &labels).await });
+            self.runtime.set_labels_later(id, labels);
         }
         if self.warm_init.is_some() {
             ctx.run_interval(REFILL_INTERVAL, |act, ctx| act.refill(ctx));

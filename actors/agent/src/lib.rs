@@ -56,6 +56,7 @@ pub mod inject;
 pub mod logs;
 mod msg;
 pub mod oci;
+mod report;
 pub mod request;
 pub mod runtime;
 mod sandbox;

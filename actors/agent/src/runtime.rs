@@ -10,6 +10,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -180,12 +181,22 @@ pub struct LogPaths {
     pub stderr: PathBuf,
 }
 
+/// A relabel waits at most this long for a pause in claims.
+const RELABEL_DELAY_MAX: Duration = Duration::from_secs(5);
+/// A pause in claims: no claim for this long.
+const RELABEL_QUIET: Duration = Duration::from_millis(100);
+
+/// Claimed instances' labels on their way to containerd ([`ContainerdRuntime::set_labels_later`]).
+type Relabel = (SandboxId, HashMap<String, String>);
+
 /// Drives containerd for the agent.
 #[derive(Clone, Debug)]
 pub struct ContainerdRuntime {
     cd: Containerd,
     log_dir: PathBuf,
     log_retention: Duration,
+    /// The relabel worker's queue, started with the first relabel.
+    relabels: Arc<OnceLock<tokio::sync::mpsc::UnboundedSender<Relabel>>>,
 }
 
 impl ContainerdRuntime {
@@ -195,6 +206,7 @@ impl ContainerdRuntime {
             cd,
             log_dir,
             log_retention: Duration::ZERO,
+            relabels: Arc::default(),
         }
     }
 
@@ -331,7 +343,7 @@ impl ContainerdRuntime {
     /// Record the claim of warm instance `id` (the labels it takes, [`LABEL_WARM`]
     /// emptied) before handing it over. Setting labels in containerd is a database
     /// transaction of its own (milliseconds under load), so it follows the claim in
-    /// the background ([`Self::set_labels_eventually`]); until then [`Self::list`] reads
+    /// the background ([`Self::set_labels_later`]); until then [`Self::list`] reads
     /// this file, so an agent stopped in between never offers the instance again.
     /// A plain write: it must survive the agent, not the node (whose containers end
     /// with it).
@@ -361,7 +373,7 @@ impl ContainerdRuntime {
 
     /// [`Self::set_labels`], retried (backoff up to 5 s) until containerd takes them or
     /// the container is gone.
-    pub async fn set_labels_eventually(&self, id: &SandboxId, labels: &HashMap<String, String>) {
+    async fn set_labels_eventually(&self, id: &SandboxId, labels: &HashMap<String, String>) {
         let mut pause = Duration::from_millis(50);
         loop {
             match self.set_labels(id, labels).await {
@@ -373,6 +385,23 @@ impl ContainerdRuntime {
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+
+    /// Give claimed instance `id` its `labels` in containerd soon, after its claim file
+    /// ([`Self::record_claim`]), which stands for them until then. One worker sets them
+    /// one at a time, each batch once claims pause ([`RELABEL_QUIET`], at most
+    /// [`RELABEL_DELAY_MAX`] after its first): each is a database transaction with an
+    /// fsync in containerd, which a burst of claims would otherwise wait behind.
+    pub fn set_labels_later(&self, id: SandboxId, labels: HashMap<String, String>) {
+        let queue = self.relabels.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(relabel_worker(self.clone(), rx));
+            tx
+        });
+        // Closed only if the worker panicked; the claim file still stands for them.
+        if queue.send((id, labels)).is_err() {
+            tracing::warn!("the relabel worker is gone; claim files stand for the labels");
         }
     }
 
@@ -394,14 +423,12 @@ impl ContainerdRuntime {
         timeout: Duration,
     ) -> Result<fsb_init::Started, AgentError> {
         use tokio::io::AsyncWriteExt;
-        let fifo = self.stdin_fifo(id);
-        let stdout = self.log_paths(id).stdout;
-        // Only a report written after this claim counts (a spent instance's log holds
-        // its earlier one).
-        let skip = tokio::fs::metadata(&stdout).await.map_or(0, |m| m.len());
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             AgentError::Internal(format!("warm instance {id}: {what}: {e}"))
         };
+        // Watched from its current end: a spent instance's log holds its earlier report.
+        let report = crate::report::ReportWatch::new(&self.log_paths(id).stdout)
+            .map_err(|e| failed("watching its log", &e))?;
         // Non-blocking: the shim holds the read end; if nothing does, fail at once
         // (ENXIO) rather than wait for a reader that is gone.
         let direct = init_pid.and_then(|pid| {
@@ -415,34 +442,22 @@ impl ContainerdRuntime {
         let mut pipe = match direct {
             Some(pipe) => pipe,
             None => tokio::net::unix::pipe::OpenOptions::new()
-                .open_sender(&fifo)
+                .open_sender(self.stdin_fifo(id))
                 .map_err(|e| failed("opening its stdin", &e))?,
         };
         pipe.write_all(spec.to_line().as_bytes())
             .await
             .map_err(|e| failed("writing the spec", &e))?;
         drop(pipe);
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_micros(200);
-        loop {
-            let log = tokio::fs::read(&stdout).await.unwrap_or_default();
-            let fresh = log
-                .get(usize::try_from(skip).unwrap_or(usize::MAX)..)
-                .unwrap_or(&[]);
-            if let Some(started) = String::from_utf8_lossy(fresh)
-                .lines()
-                .find_map(fsb_init::Started::parse)
-            {
-                return Ok(started);
-            }
-            if Instant::now() >= deadline {
-                return Err(AgentError::Internal(format!(
+        report
+            .wait(Instant::now() + timeout)
+            .await
+            .map_err(|e| failed("reading its log", &e))?
+            .ok_or_else(|| {
+                AgentError::Internal(format!(
                     "warm instance {id}: no start report within {timeout:?}"
-                )));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
+                ))
+            })
     }
 
     /// Create and start a sandbox. On any failure everything created so far is removed
@@ -992,6 +1007,28 @@ fn task_state(status: i32, exit_status: u32) -> TaskState {
             exit_code: exit_status,
         },
         _ => TaskState::Other,
+    }
+}
+
+/// Work [`ContainerdRuntime::set_labels_later`]'s queue: collect relabels until claims
+/// pause, then set them one by one. Runs as long as the runtime's clones do.
+async fn relabel_worker(
+    runtime: ContainerdRuntime,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Relabel>,
+) {
+    while let Some(first) = queue.recv().await {
+        let until = Instant::now() + RELABEL_DELAY_MAX;
+        let mut batch = vec![first];
+        loop {
+            let quiet = (Instant::now() + RELABEL_QUIET).min(until);
+            match tokio::time::timeout_at(quiet.into(), queue.recv()).await {
+                Ok(Some(next)) => batch.push(next),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        for (id, labels) in batch {
+            runtime.set_labels_eventually(&id, &labels).await;
+        }
     }
 }
 

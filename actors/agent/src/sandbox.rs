@@ -393,8 +393,7 @@ async fn claim(
         .await?;
     let handover = t.elapsed();
     // containerd's copy of the labels follows (the claim file stands for it until then).
-    let (relabel, rid) = (runtime.clone(), id.clone());
-    tokio::spawn(async move { relabel.set_labels_eventually(&rid, &labels).await });
+    runtime.set_labels_later(id.clone(), labels);
 
     let us = |from: u64, to: u64| Duration::from_micros(to.saturating_sub(from));
     let mut stages = vec![
