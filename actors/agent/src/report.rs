@@ -42,7 +42,7 @@ impl Watcher {
         *WATCHER.get_or_init(|| match Self::start() {
             Ok(w) => Some(w),
             Err(e) => {
-                tracing::warn!(error = %e, "no inotify; warm claims read their logs every 20 ms");
+                tracing::warn!(error = %e, every = ?REREAD, "no inotify; warm claims read their logs periodically");
                 None
             }
         })
@@ -77,7 +77,7 @@ impl Watcher {
                 }
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading inotify events failed; warm claims read their logs every 20 ms");
+                    tracing::warn!(error = %e, every = ?REREAD, "reading inotify events failed; warm claims read their logs periodically");
                     return;
                 }
             }
@@ -135,7 +135,7 @@ impl ReportWatch {
         let changes = Watcher::get().and_then(|w| {
             w.watch(stdout)
                 .inspect_err(
-                    |e| tracing::debug!(error = %e, "no watch on a log; reading it every 20 ms"),
+                    |e| tracing::debug!(error = %e, every = ?REREAD, "no watch on a log; reading it periodically"),
                 )
                 .ok()
         });

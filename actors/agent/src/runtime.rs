@@ -396,7 +396,14 @@ impl ContainerdRuntime {
     pub fn set_labels_later(&self, id: SandboxId, labels: HashMap<String, String>) {
         let queue = self.relabels.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(relabel_worker(self.clone(), rx));
+            // The worker's copy holds no sender (a queue of its own, never used), so
+            // the queue closes, and the worker ends, with the last of this runtime's
+            // clones.
+            let worker = Self {
+                relabels: Arc::default(),
+                ..self.clone()
+            };
+            tokio::spawn(relabel_worker(worker, rx));
             tx
         });
         // Closed only if the worker panicked; the claim file still stands for them.
@@ -878,7 +885,7 @@ impl ContainerdRuntime {
             let mut labels = c.labels;
             // A warm instance claimed before containerd had its new labels: it is the
             // sandbox its claim file says, never an instance to offer again.
-            let pending_labels = if labels.get(LABEL_WARM).is_some_and(|v| !v.is_empty()) {
+            let pending_labels = if crate::actor::unclaimed_warm(&labels) {
                 self.read_claim(&id).await
             } else {
                 None
